@@ -1,0 +1,84 @@
+"""Input checks shared by the public losses. Each error names the argument and the bad value.
+
+Metadata checks (shape, dtype, device) are free and always run. Value checks (labels in range,
+finite logits) need a host synchronization, so they run by default on CPU tensors only; on CUDA the
+kernels mark such rows with a NaN loss instead, which no reduction hides. ``FASTUNLEARN_CHECK_VALUES=1``
+turns value checks on everywhere (``0``: off everywhere); they never run under torch.compile or while
+a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_float_tensor(name: str, t: object, min_dim: int = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_labels(labels: object, expected_shape: torch.Size, device: torch.device, what: str) -> None:
+    """labels: an integer tensor of ``expected_shape`` on ``device`` (``what`` names the other argument)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != expected_shape:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but {what} needs {tuple(expected_shape)} "
+            f"(labels must already be aligned with the logits; see shift_causal for causal LMs)"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but {what.split()[0]} is on {device}")
+    if labels.numel() == 0:
+        raise ValueError(f"labels is empty (shape {tuple(labels.shape)}): there are no tokens to score")
+
+
+def check_reduction_and_margin(reduction: str, margin: float) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= 0:
+        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+
+
+def value_checks_enabled(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    env = os.environ.get("FASTUNLEARN_CHECK_VALUES", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type == "cpu"
+
+
+def check_label_values(labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Every label is ignore_index or in [0, n_classes) (synchronizes)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(
+            f"labels contains {first}, outside [0, {n_classes}) and not ignore_index={ignore_index} "
+            f"({int(bad.sum())} such labels)"
+        )
+
+
+def check_finite_rows(loss_rows: torch.Tensor, name: str) -> None:
+    """A NaN row loss marks a row whose logits are NaN, +inf or all -inf (synchronizes)."""
+    bad = torch.isnan(loss_rows)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} has non-finite values in row {first} of the flattened (N, V) view "
+            f"(NaN, +inf, or every entry -inf; {int(bad.sum())} such rows among non-ignored tokens)"
+        )

@@ -1,0 +1,1 @@
+"""Fused Triton kernels of fastunlearn, installed as ``fastunlearn.kernels`` (they import triton)."""

@@ -1,0 +1,40 @@
+"""Test setup. TRITON_INTERPRET must be set before any @triton.jit decoration runs, so it is set here,
+before anything imports fastunlearn.kernels: CPU tensors then run the real Triton kernels."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastunlearn import _dispatch  # noqa: E402
+
+# (impl, skip reason or None): every path that can run here, the torch reference path always.
+IMPL_PARAMS = [
+    pytest.param("torch", id="torch"),
+    pytest.param(
+        "csrc", id="csrc", marks=pytest.mark.skipif(not _dispatch.has_csrc(), reason="fastunlearn._C not built")
+    ),
+    pytest.param(
+        "triton",
+        id="triton",
+        marks=[
+            pytest.mark.interpreter,
+            pytest.mark.skipif(not _dispatch.has_triton(), reason="triton not installed"),
+            pytest.mark.skipif(not _dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1"),
+        ],
+    ),
+]
+
+
+
+@pytest.fixture
+def force_impl():
+    """force_impl(name) -> context manager forcing that backend."""
+    return _dispatch._force_impl
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,92 @@
+"""The dispatch rule, lean import, and the custom ops' registration (torch.compile, opcheck)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastunlearn
+from fastunlearn import _dispatch
+from fastunlearn.ihl import _ihl_forward_op
+
+
+def test_import_is_lean():
+    """Importing initializes no CUDA and imports neither Triton nor the kernels."""
+    code = (
+        "import sys, torch, fastunlearn\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "assert 'fastunlearn.kernels' not in sys.modules\n"
+        "print('lean')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "lean" in out.stdout, out.stderr
+
+
+def test_automatic_choice_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTUNLEARN_IMPL", raising=False)
+    expected = "csrc" if _dispatch.has_csrc() else "torch"
+    assert fastunlearn.select_impl(torch.device("cpu")) == expected
+    monkeypatch.setattr(_dispatch, "HAS_CSRC", False)
+    assert fastunlearn.select_impl(torch.device("cpu")) == "torch"
+
+
+def test_env_forces_an_impl_and_fails_loudly(monkeypatch):
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "torch")
+    assert fastunlearn.select_impl(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "cuda-magic")
+    with pytest.raises(ValueError, match="FASTUNLEARN_IMPL='cuda-magic'"):
+        fastunlearn.select_impl(torch.device("cpu"))
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="'triton' was requested but cannot run.*TRITON_INTERPRET"):
+        fastunlearn.ihl_loss(torch.randn(2, 5), torch.tensor([0, 1]))
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "csrc")
+    monkeypatch.setattr(_dispatch, "HAS_CSRC", False)
+    monkeypatch.setattr(_dispatch, "_CSRC_MISSING", "not built (test)")
+    with pytest.raises(RuntimeError, match="'csrc' was requested.*not built"):
+        fastunlearn.ihl_loss(torch.randn(2, 5), torch.tensor([0, 1]))
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "triton")
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        fastunlearn.select_impl(torch.device("cpu"))
+
+
+def test_op_without_the_forced_path_raises(force_impl):
+    with force_impl("csrc"), pytest.raises(RuntimeError, match="has no 'csrc' path"):
+        _dispatch.select_impl(torch.device("cpu"), available=("torch", "triton"))
+
+
+def test_force_impl_override_wins_over_env(monkeypatch, force_impl):
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "triton")
+    with force_impl("torch"):
+        assert fastunlearn.select_impl(torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        with force_impl("fast"):
+            pass
+
+
+def test_custom_op_registration_passes_opcheck(force_impl):
+    logits = torch.randn(6, 17, requires_grad=True)
+    labels = torch.tensor([0, 3, -100, 16, 5, 5])
+    torch.library.opcheck(_ihl_forward_op, (logits, labels, -100, 1.0, "torch", False))
+
+
+def test_compiles_without_graph_breaks():
+    logits = torch.randn(3, 4, 19)
+    labels = torch.randint(0, 19, (3, 4))
+
+    def step(z):
+        return fastunlearn.ihl_loss(z * 2.0, labels) + fastunlearn.ihl_loss(z, labels, reduction="sum")
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    z1, z2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    eager, traced = step(z1), compiled(z2)
+    eager.backward()
+    traced.backward()
+    assert torch.allclose(eager, traced) and torch.allclose(z1.grad, z2.grad)
