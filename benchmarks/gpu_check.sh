@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a CUDA machine with no network, build the extension, run the test suite
+# (CUDA tests included), sweep the IHL kernels' launch configs, and run the benchmarks.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Writes into OUT_DIR: env.txt, build.log, tests.log, sweep.json, bench.json, targets.json, bench.log.
+# Sized to finish in under 6 minutes on one H200. Each step runs even if an earlier one failed;
+# the exit status is non-zero if any step failed.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+status=0
+step() { local name=$1; shift; echo "=== $name ($(date +%T))"; "$@" || { echo "!!! $name failed"; status=1; }; }
+
+step env bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee '$OUT/env.txt'"
+step build bash -c "time $PY -m pip install --no-build-isolation --no-deps -e . > '$OUT/build.log' 2>&1; rc=\$?; tail -3 '$OUT/build.log'; $PY -c 'import fastunlearn as f; print(\"csrc\", f.has_csrc(), \"triton\", f.has_triton())'; exit \$rc"
+step tests bash -c "$PY -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee '$OUT/tests.log'; exit \${PIPESTATUS[0]}"
+step sweep timeout 120 $PY benchmarks/sweep_ihl_blocks.py --out "$OUT/sweep.json"
+step bench bash -c "FASTUNLEARN_BENCH_SUMMARY='$OUT/targets.json' $PY -m pytest benchmarks/bench_ihl.py -p no:cacheprovider --benchmark-enable --benchmark-json='$OUT/bench.json' --benchmark-columns=median,min,max --benchmark-sort=name -q 2>&1 | tee '$OUT/bench.log' | tail -60; exit \${PIPESTATUS[0]}"
+echo "=== done ($(date +%T)), status $status"
+exit $status
