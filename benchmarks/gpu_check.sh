@@ -17,8 +17,13 @@ status=0
 step() { local name=$1; shift; echo "=== $name ($(date +%T))"; "$@" || { echo "!!! $name failed"; status=1; }; }
 
 step env bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee '$OUT/env.txt'"
-step build bash -c "time $PY -m pip install --no-build-isolation --no-deps -e . > '$OUT/build.log' 2>&1; rc=\$?; tail -3 '$OUT/build.log'; $PY -c 'import fastunlearn as f; print(\"csrc\", f.has_csrc(), \"triton\", f.has_triton())'; exit \$rc"
-step tests bash -c "$PY -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee '$OUT/tests.log'; exit \${PIPESTATUS[0]}"
+echo "=== build ($(date +%T))"
+if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -20 "$OUT/build.log"; echo "!!! build failed; installing without the C++ extension"; status=1
+  FASTUNLEARN_SKIP_CSRC_BUILD=1 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
+fi
+step import $PY -c 'import fastunlearn as f; print("csrc", f.has_csrc(), "triton", f.has_triton())'
+step tests bash -c "$PY -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee '$OUT/tests.log' | tail -40; exit \${PIPESTATUS[0]}"
 step sweep timeout 120 $PY benchmarks/sweep_ihl_blocks.py --out "$OUT/sweep.json"
 step bench bash -c "FASTUNLEARN_BENCH_SUMMARY='$OUT/targets.json' $PY -m pytest benchmarks/bench_ihl.py -p no:cacheprovider --benchmark-enable --benchmark-json='$OUT/bench.json' --benchmark-columns=median,min,max --benchmark-sort=name -q 2>&1 | tee '$OUT/bench.log' | tail -60; exit \${PIPESTATUS[0]}"
 echo "=== done ($(date +%T)), status $status"
