@@ -27,7 +27,7 @@ def _extensions():
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "*.cpp")))
     cuda_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]  # OpenMP: at::parallel_for uses threads only with it
+    cxx_flags = ["-O3", "-std=c++17"]
     use_cuda = CUDA_HOME is not None and not _flag("FASTUNLEARN_FORCE_CPU_BUILD")
     if use_cuda:
         ext = CUDAExtension(
@@ -36,13 +36,9 @@ def _extensions():
             include_dirs=[CSRC],
             define_macros=[("FASTUNLEARN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-            extra_link_args=["-fopenmp"],
         )
     else:
-        ext = CppExtension(
-            "fastunlearn._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-        )  # fmt: skip
+        ext = CppExtension("fastunlearn._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx_flags})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

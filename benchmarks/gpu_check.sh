@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes into OUT_DIR: env.txt, build.log, tests.log, sweep.json, bench.json, targets.json, bench.log.
+# Writes into OUT_DIR: build.log, tests_cuda.log, tests.log, sweep.json, bench.json, targets.json, bench.log
+# (at most 8 files come back from the lent GPU machine: tee the console into the eighth).
 # Sized to finish in under 6 minutes on one H200. Each step runs even if an earlier one failed;
 # the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -16,14 +17,20 @@ PY=${PYTHON:-python3}
 status=0
 step() { local name=$1; shift; echo "=== $name ($(date +%T))"; "$@" || { echo "!!! $name failed"; status=1; }; }
 
-step env bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee '$OUT/env.txt'"
+step env bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
 echo "=== build ($(date +%T))"
 if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -20 "$OUT/build.log"; echo "!!! build failed; installing without the C++ extension"; status=1
   FASTUNLEARN_SKIP_CSRC_BUILD=1 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
 fi
 step import $PY -c 'import fastunlearn as f; print("csrc", f.has_csrc(), "triton", f.has_triton())'
-step tests bash -c "$PY -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee '$OUT/tests.log' | tail -40; exit \${PIPESTATUS[0]}"
+pytest_to() { local log=$1; shift; $PY -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/$log" | tail -25; return "${PIPESTATUS[0]}"; }
+step cuda-tests pytest_to tests_cuda.log tests/test_cuda.py
+step all-tests pytest_to tests.log tests --ignore=tests/test_cuda.py
+if grep -q "Fatal Python error" "$OUT/tests.log"; then  # a crash in native code: show where
+  step crash-backtrace timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY -m pytest -x -q -p no:cacheprovider \
+    "$(grep -o 'tests/[a-z_]*\.py' "$OUT/tests.log" | tail -1)"
+fi
 step sweep timeout 120 $PY benchmarks/sweep_ihl_blocks.py --out "$OUT/sweep.json"
 step bench bash -c "FASTUNLEARN_BENCH_SUMMARY='$OUT/targets.json' $PY -m pytest benchmarks/bench_ihl.py -p no:cacheprovider --benchmark-enable --benchmark-json='$OUT/bench.json' --benchmark-columns=median,min,max --benchmark-sort=name -q 2>&1 | tee '$OUT/bench.log' | tail -60; exit \${PIPESTATUS[0]}"
 echo "=== done ($(date +%T)), status $status"

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
+#include <vector>
 
 #include "fastunlearn_ops.h"
 
@@ -29,9 +31,22 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int64_t kBlock = 512;  // forward: elements per online-softmax block
 constexpr int kLanes = 8;        // forward: partial sums per block
 
-// Rows per task: at least ~GRAIN_SIZE elements each (grain >= 1, so any N works). Note: at::parallel_for
-// uses threads only when this file is compiled with -fopenmp (torch's OpenMP backend); else it runs serially.
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(V, 1)); }
+// Rows split across at::get_num_threads() std::threads (serially below ~2^16 elements). Plain threads
+// rather than at::parallel_for, whose OpenMP backend would need -fopenmp here and so a second OpenMP
+// runtime next to the one bundled with torch.
+template <typename F>
+void parallel_rows(int64_t N, int64_t V, const F& body) {
+  const int64_t threads = std::min<int64_t>(std::max(at::get_num_threads(), 1), N);
+  if (threads <= 1 || N * V < (int64_t{1} << 16)) {
+    body(0, N);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (N + threads - 1) / threads;
+  for (int64_t begin = per; begin < N; begin += per) pool.emplace_back(body, begin, std::min(N, begin + per));
+  body(0, std::min(N, per));
+  for (auto& t : pool) t.join();
+}
 
 void check_logits_labels(const torch::Tensor& logits, const torch::Tensor& labels) {
   CHECK_CPU(logits);
@@ -52,7 +67,7 @@ void check_logits_labels(const torch::Tensor& logits, const torch::Tensor& label
 template <typename scalar_t>
 void ihl_forward_kernel(const scalar_t* z, int64_t row_stride, const int64_t* labels, int64_t N, int64_t V,
                         int64_t ignore_index, float margin, float* loss, float* stats, int32_t* runner) {
-  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, V, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = z + i * row_stride;
       const int64_t y = labels[i];
@@ -134,7 +149,7 @@ void ihl_backward_kernel(const float* grad_rows, int64_t g_stride, const scalar_
                          const int64_t* labels, const float* stats, const int32_t* runner,
                          int64_t runner_stride, int64_t N, int64_t V, int64_t ignore_index, float margin,
                          scalar_t* out, int64_t out_stride) {
-  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, V, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* row = z + i * z_stride;
       scalar_t* orow = out + i * out_stride;

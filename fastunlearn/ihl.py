@@ -85,6 +85,8 @@ def _ihl_backward_inplace_op(
 def _setup_context(ctx, inputs, output) -> None:
     logits, labels, ignore_index, margin, impl, inplace_grad = inputs
     _, stats, runner = output
+    ctx.mark_non_differentiable(stats, runner)
+    ctx.set_materialize_grads(False)  # no (N, 2) zero gradient for the statistics
     ctx.save_for_backward(logits, labels, stats, runner)
     ctx.options = (ignore_index, margin, impl, inplace_grad)
 

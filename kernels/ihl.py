@@ -25,20 +25,31 @@ import torch
 import triton
 import triton.language as tl
 
-# Blocks of the vocabulary per loop iteration. On a GPU, 4096 elements and 8 warps keep enough bytes in
-# flight per SM without spilling; the interpreter pays per iteration, so it takes the whole row at once.
-_GPU_BLOCK_V = 4096
-_GPU_NUM_WARPS = 8
+# Launch configuration. The backward is a plain streaming pass: 4096-element blocks and 16 warps measured
+# best on an H200 (93% of the device-copy bandwidth at (8192, 128256) bf16, benchmarks/sweep_ihl_blocks.py).
+# The forward carries per-lane state, so its best block depends on V and dtype: on CUDA it is autotuned
+# over the configs below (it writes only its outputs, so trial runs are harmless). The interpreter pays
+# per loop iteration, so it takes the whole row (up to 2^17) at once with one config.
+_BACKWARD_BLOCK_V, _BACKWARD_NUM_WARPS = 4096, 16
+_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_V": block_v}, num_warps=warps)
+    for block_v, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+]
 _INTERPRETER_MAX_BLOCK_V = 1 << 17
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _launch_config(n_cols: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+    """Explicit (block_v, num_warps), or the fixed backward default (whole row in the interpreter)."""
     if block_v is None:
-        cap = _INTERPRETER_MAX_BLOCK_V if os.environ.get("TRITON_INTERPRET") == "1" else _GPU_BLOCK_V
+        cap = _INTERPRETER_MAX_BLOCK_V if _interpreting() else _BACKWARD_BLOCK_V
         block_v = min(cap, triton.next_power_of_2(n_cols))
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
-    return block_v, num_warps or _GPU_NUM_WARPS
+    return block_v, num_warps or _BACKWARD_NUM_WARPS
 
 
 @triton.jit
@@ -72,40 +83,51 @@ def _ihl_forward_kernel(
         tl.store(runner_ptr + row, -1)
         return
 
-    # 2. One streaming pass: online log-sum-exp and the runner-up over v != y.
-    m = float("-inf")
-    s = 0.0
-    r_max = float("-inf")
-    r_idx = n_cols  # sentinel: no candidate seen yet
+    # 2. One streaming pass over v != y (the label is masked out of the loads), accumulated per lane so
+    #    that no cross-warp reduction runs inside the loop. Lane k sees columns k, k + BLOCK_V, ...; it
+    #    keeps its max m_k, its sum s_k = sum exp(z - m_k) with one exp per element (e = exp(-|z - m_k|)
+    #    either rescales the old sum when z is a new max, or is the new term), and the first index of its
+    #    max. The lane max over v != y is also the runner-up candidate. m_k starts at the lowest finite
+    #    float rather than -inf, so -inf logits give e = 0 instead of NaN; NaN and +inf logits make s NaN.
+    lane = tl.arange(0, BLOCK_V)
+    y32 = y.to(tl.int32)
+    m_lane = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
+    s_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
+    i_lane = tl.full([BLOCK_V], n_cols, tl.int32)  # n_cols: no finite value seen in this lane
     for start in range(0, n_cols, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        in_row = offs < n_cols
-        z = tl.load(logits_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
-        m = m_new
-        cand = in_row & (offs != y)
-        z_cand = tl.where(cand, z, float("-inf"))
-        b_max = tl.max(z_cand, axis=0)
-        b_idx = tl.min(tl.where(cand & (z_cand == b_max), offs, n_cols), axis=0)
-        # Blocks arrive in index order, so a strictly larger value is needed to move the runner-up.
-        take = (b_max > r_max) | ((r_idx == n_cols) & (b_idx < n_cols))
-        r_max = tl.where(take, b_max, r_max)
-        r_idx = tl.where(take, b_idx, r_idx)
+        offs = start + lane
+        z = tl.load(logits_ptr + offs, mask=(offs < n_cols) & (offs != y32), other=float("-inf")).to(tl.float32)
+        d = z - m_lane
+        e = tl.exp(-tl.abs(d))
+        grow = d > 0.0  # strict: a lane keeps the first index of its max
+        s_lane = tl.where(grow, s_lane * e + 1.0, s_lane + e)
+        m_lane = tl.where(grow, z, m_lane)
+        i_lane = tl.where(grow, offs, i_lane)
 
-    # 3. Probabilities of the label and the runner-up, and the hinge.
-    log_s = tl.log(s)
+    # 3. Merge the lanes: runner-up (lowest index among tied maxima; if every v != y is -inf, the lowest
+    #    index other than y, with p_r = 0), then the sum over v != y, then the label's own term.
+    r_max = tl.max(m_lane, axis=0)
+    r_idx = tl.min(tl.where(m_lane == r_max, i_lane, n_cols), axis=0)
+    no_runner = r_idx == n_cols
+    r_idx = tl.where(no_runner, tl.where(y32 == 0, 1, 0), r_idx)
+    z_r = tl.where(no_runner, float("-inf"), r_max)
+    s = tl.sum(s_lane * tl.exp(m_lane - r_max), axis=0)  # relative to r_max
     z_y = tl.load(logits_ptr + y).to(tl.float32)
+    m = tl.maximum(r_max, z_y)
+    s = s * tl.exp(r_max - m) + tl.exp(z_y - m)
+    log_s = tl.log(s)
     p_y = tl.exp((z_y - m) - log_s)
-    p_r = tl.exp((r_max - m) - log_s)
+    p_r = tl.exp((z_r - m) - log_s)
     loss = tl.maximum(margin + p_y - p_r, 0.0)
     lse = m + log_s  # NaN, +inf or -inf exactly when the row is unusable
-    finite = (lse == lse) & (tl.abs(lse) < float("inf")) & (r_idx < n_cols)
+    finite = (lse == lse) & (tl.abs(lse) < float("inf"))
     tl.store(loss_ptr + row, tl.where(finite, loss, float("nan")))
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     tl.store(runner_ptr + row, tl.where(finite, r_idx, -1).to(tl.int32))
+
+
+_ihl_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["n_cols"])(_ihl_forward_kernel)
 
 
 # Gradient. With p_k = exp((z_k - m) - log s), dp_k/dz_v = p_k (δ_kv - p_v), so for L = margin + p_y - p_r:
@@ -186,12 +208,12 @@ def ihl_forward(
     runner = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
     if n_rows == 0:
         return loss, stats, runner
-    block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
-    _ihl_forward_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, loss, stats, runner,
-        n_cols, ignore_index, margin,
-        BLOCK_V=block_v, num_warps=num_warps,
-    )  # fmt: skip
+    args = (logits, logits.stride(0), labels, loss, stats, runner, n_cols, ignore_index, margin)
+    if block_v is None and num_warps is None and not _interpreting():
+        _ihl_forward_autotuned[(n_rows,)](*args)
+    else:
+        block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
+        _ihl_forward_kernel[(n_rows,)](*args, BLOCK_V=block_v, num_warps=num_warps)
     return loss, stats, runner
 
 
