@@ -93,7 +93,7 @@ def _ihl_forward_kernel(
     y32 = y.to(tl.int32)
     m_lane = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
     s_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
-    i_lane = tl.full([BLOCK_V], n_cols, tl.int32)  # n_cols: no finite value seen in this lane
+    i_lane = tl.zeros([BLOCK_V], dtype=tl.int32) + n_cols  # n_cols: no finite value seen in this lane
     for start in range(0, n_cols, BLOCK_V):
         offs = start + lane
         z = tl.load(logits_ptr + offs, mask=(offs < n_cols) & (offs != y32), other=float("-inf")).to(tl.float32)
