@@ -31,6 +31,7 @@ if grep -q "Fatal Python error" "$OUT/tests.log"; then  # a crash in native code
   step crash-backtrace timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY -m pytest -x -q -p no:cacheprovider \
     "$(grep -o 'tests/[a-z_]*\.py' "$OUT/tests.log" | tail -1)"
 fi
+step profile timeout 120 $PY benchmarks/profile_ihl.py
 step sweep timeout 120 $PY benchmarks/sweep_ihl_blocks.py --out "$OUT/sweep.json"
 step bench bash -c "FASTUNLEARN_BENCH_SUMMARY='$OUT/targets.json' $PY -m pytest benchmarks/bench_ihl.py -p no:cacheprovider --benchmark-enable --benchmark-json='$OUT/bench.json' --benchmark-columns=median,min,max --benchmark-sort=name -q 2>&1 | tee '$OUT/bench.log' | tail -60; exit \${PIPESTATUS[0]}"
 echo "=== done ($(date +%T)), status $status"

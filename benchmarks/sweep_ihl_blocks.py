@@ -11,6 +11,7 @@ import json
 
 import torch
 import triton.testing
+
 from fastunlearn.kernels import ihl as kernels
 
 

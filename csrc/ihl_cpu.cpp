@@ -11,20 +11,32 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "fastunlearn_ops.h"
 
+// Integers and shapes enter messages as std::to_string text: streaming them through the ostream that
+// c10::str uses crashed (SIGSEGV in std::num_put) on an image whose g++ headers were newer than the
+// libstdc++ loaded with torch (seen with torch 2.11 + g++ 13). Strings stream safely.
 #define CHECK_CPU(x) \
   TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor (CUDA tensors go through the Triton path), got ", (x).device())
-#define CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must be " #d "-D, got ", (x).dim(), "-D")
+#define CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must be " #d "-D, got ", shape_str(x))
 #define CHECK_DTYPE(x, t) TORCH_CHECK((x).scalar_type() == (t), #x " must have dtype ", (t), ", got ", (x).scalar_type())
-#define CHECK_SIZE(x, n) TORCH_CHECK((x).size(0) == (n), #x " must have N = ", (n), " rows (logits.size(0)), got ", (x).size(0))
+#define CHECK_SIZE(x, n) \
+  TORCH_CHECK((x).size(0) == (n), #x " must have N = ", std::to_string(n), " rows (logits.size(0)), got ", shape_str(x))
 #define CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define CHECK_LAST_DIM_STRIDE1(x) TORCH_CHECK((x).stride(-1) == 1, #x " must have last-dim stride 1, got ", (x).stride(-1))
+#define CHECK_LAST_DIM_STRIDE1(x) \
+  TORCH_CHECK((x).stride(-1) == 1, #x " must have last-dim stride 1, got ", std::to_string((x).stride(-1)))
 
 namespace {
+
+std::string shape_str(const torch::Tensor& t) {
+  std::string out = "shape (";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + (t.dim() == 1 ? ",)" : ")");
+}
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -54,8 +66,8 @@ void check_logits_labels(const torch::Tensor& logits, const torch::Tensor& label
   const auto dt = logits.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "logits must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(logits.size(1) >= 2, "logits must have V >= 2 classes (dim 1), got V = ", logits.size(1));
-  TORCH_CHECK(logits.size(1) <= std::numeric_limits<int32_t>::max(), "logits must have V < 2^31, got ", logits.size(1));
+  TORCH_CHECK(logits.size(1) >= 2, "logits must have V >= 2 classes (dim 1), got ", shape_str(logits));
+  TORCH_CHECK(logits.size(1) <= std::numeric_limits<int32_t>::max(), "logits must have V < 2^31, got ", shape_str(logits));
   CHECK_LAST_DIM_STRIDE1(logits);
   CHECK_CPU(labels);
   CHECK_DIM(labels, 1);
@@ -217,15 +229,15 @@ void ihl_backward(torch::Tensor grad_rows, torch::Tensor logits, torch::Tensor l
   CHECK_DIM(stats, 2);
   CHECK_DTYPE(stats, at::kFloat);
   CHECK_SIZE(stats, N);
-  TORCH_CHECK(stats.size(1) == 2, "stats must have shape (N, 2) = (max, log-sum-exp), got ", stats.sizes());
+  TORCH_CHECK(stats.size(1) == 2, "stats must have shape (N, 2) = (max, log-sum-exp), got ", shape_str(stats));
   CHECK_CONTIGUOUS(stats);
   CHECK_CPU(runner);
   CHECK_DIM(runner, 1);
   CHECK_DTYPE(runner, at::kInt);
   CHECK_SIZE(runner, N);
   CHECK_CPU(grad_out);
-  TORCH_CHECK(grad_out.sizes() == logits.sizes(), "grad_out must have the shape of logits ", logits.sizes(),
-              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == logits.sizes(), "grad_out must have the ", shape_str(logits),
+              " of logits, got ", shape_str(grad_out));
   CHECK_DTYPE(grad_out, logits.scalar_type());
   CHECK_LAST_DIM_STRIDE1(grad_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ihl_backward", [&] {
