@@ -51,7 +51,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _unavailable_reason(impl: str, device: torch.device) -> str | None:
+def _unavailable_reason(impl: str, device: torch.device, csrc_devices: tuple[str, ...] = ("cpu",)) -> str | None:
     """Why ``impl`` cannot serve tensors on ``device``, or None when it can."""
     if impl == "torch":
         return None
@@ -64,7 +64,9 @@ def _unavailable_reason(impl: str, device: torch.device) -> str | None:
     if impl == "csrc":
         if not HAS_CSRC:
             return _CSRC_MISSING
-        return None if device.type == "cpu" else f"the C++ kernels serve CPU tensors, not {device.type}"
+        if device.type not in csrc_devices:
+            return f"this op's C++ kernels serve {'/'.join(csrc_devices)} tensors, not {device.type}"
+        return None
     return f"unknown implementation {impl!r}; choose one of {IMPLS}"
 
 
@@ -80,21 +82,26 @@ def requested_impl() -> str | None:
     return env
 
 
-def select_impl(device: torch.device, available: tuple[str, ...] = IMPLS) -> str:
-    """Pick the implementation for an op that has ``available`` paths, for tensors on ``device``."""
+def select_impl(
+    device: torch.device, available: tuple[str, ...] = IMPLS, csrc_devices: tuple[str, ...] = ("cpu",)
+) -> str:
+    """Pick the implementation for an op that has ``available`` paths, for tensors on ``device``.
+
+    ``csrc_devices``: the device types the op's C++ kernels accept (ATen-based ops serve CUDA too).
+    """
     forced = requested_impl()
     if forced is not None:
         why = (
             f"this op has no {forced!r} path (it has {available})"
             if forced not in available
-            else _unavailable_reason(forced, device)
+            else _unavailable_reason(forced, device, csrc_devices)
         )
         if why is not None:
             raise RuntimeError(f"implementation {forced!r} was requested but cannot run: {why}")
         return forced
-    preferred = ("triton",) if device.type == "cuda" else ("csrc",)
+    preferred = ("triton", "csrc") if device.type == "cuda" else ("csrc",)
     for impl in preferred:
-        if impl in available and _unavailable_reason(impl, device) is None:
+        if impl in available and _unavailable_reason(impl, device, csrc_devices) is None:
             return impl
     return "torch"
 
