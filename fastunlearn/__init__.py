@@ -5,8 +5,13 @@ probed on first use (see ``fastunlearn._dispatch``).
 """
 
 from ._dispatch import has_csrc, has_triton, select_impl
+from .export import save_merged_model, save_peft_adapter
+from .fila import FilaConfig, FilaResult, fila_init
+from .fisher import FisherResult, empirical_fisher, relative_fisher
 from .fused_linear import FusedLinearIHL, fused_linear_ihl
 from .ihl import IHLLoss, ihl_loss
+from .lora import LoRALinear, inject_lora, lora_layers, trainable_parameters
+from .lowrank import LowRank, weighted_lowrank, weighted_lowrank_grouped
 from .objectives import (
     UnlearningLoss,
     UnlearningLossOutput,
@@ -20,18 +25,33 @@ from .objectives import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FilaConfig",
+    "FilaResult",
+    "FisherResult",
     "FusedLinearIHL",
     "IHLLoss",
+    "LoRALinear",
+    "LowRank",
     "UnlearningLoss",
     "UnlearningLossOutput",
     "causal_lm_ihl_loss",
+    "empirical_fisher",
+    "fila_init",
     "fused_linear_ihl",
     "ga_loss",
     "has_csrc",
     "has_triton",
     "ihl_loss",
+    "inject_lora",
+    "lora_layers",
+    "relative_fisher",
     "retain_loss",
+    "save_merged_model",
+    "save_peft_adapter",
     "select_impl",
     "shift_causal",
+    "trainable_parameters",
     "unlearning_loss",
+    "weighted_lowrank",
+    "weighted_lowrank_grouped",
 ]
