@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_common import device_name, write_summary
 
 from fastunlearn import _dispatch
 from fastunlearn.fisher import accumulate_per_example
@@ -88,9 +87,6 @@ def fisher_fn(provider: str):
     }[provider]
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -115,16 +111,10 @@ def test_fisher(benchmark, results, device, provider, dtype):
         peak_extra = torch.cuda.max_memory_allocated() - base - N_OUT * N_IN * 4  # beyond the result
     benchmark.group = f"per-example fisher {N_EXAMPLES}x{N_TOKENS} {N_IN}->{N_OUT} {str(dtype).removeprefix('torch.')}"
     benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 5, iterations=1, warmup_rounds=1)
-    info = {"device": _device_name(device), "median_s": benchmark.stats.stats.median, "peak_extra_bytes": peak_extra}
+    info = {"device": device_name(device), "median_s": benchmark.stats.stats.median, "peak_extra_bytes": peak_extra}
     benchmark.extra_info.update(info)
     results[("fisher", provider, dtype)] = info
 
-
-def _write_summary(summary: dict) -> None:
-    print(json.dumps(summary, indent=1))
-    path = os.environ.get("FASTUNLEARN_BENCH_SUMMARY")
-    if path:
-        Path(path).write_text(json.dumps(summary, indent=1))
 
 
 def _speedups(results: dict, fused: str, dtype: torch.dtype) -> dict:
@@ -145,10 +135,10 @@ def test_targets_cuda(results, device):
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
     extra = results.get(("fisher", "fastunlearn-triton", torch.bfloat16), {}).get("peak_extra_bytes")
     times = {p: results.get(("fisher", p, torch.bfloat16), {}).get("median_s") for p in PROVIDERS}
-    summary = {"device": _device_name(device), "median_s": times}
+    summary = {"device": device_name(device), "median_s": times}
     summary.update(_speedups(results, "fastunlearn-triton", torch.bfloat16))
     summary["triton_peak_extra_bytes"] = extra
-    _write_summary(summary)
+    write_summary("fisher", summary)
     assert summary["speedup_vs_loop"] >= 10.0, summary
     assert summary["speedup_vs_vmap"] >= 3.0, summary
     assert extra is None or extra <= 2**20, summary  # nothing beyond F but launch metadata
@@ -165,7 +155,7 @@ def test_cpu_summary(results, device):
         )
         memory[provider] = json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
     summary = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "shape": {"examples": N_EXAMPLES, "tokens": N_TOKENS, "in": N_IN, "out": N_OUT, "dtype": "float32"},
         "peak_extra_bytes": memory,
         "peak_extra_in_out_x_in_float32": {p: m / (N_OUT * N_IN * 4) for p, m in memory.items()},
@@ -174,7 +164,7 @@ def test_cpu_summary(results, device):
         summary["median_s"] = {p: results[("fisher", p, torch.float32)]["median_s"] for p in CPU_PROVIDERS}
         for fused in ("fastunlearn-torch", "fastunlearn-torch-1"):
             summary[fused] = _speedups(results, fused, torch.float32)
-    _write_summary(summary)
+    write_summary("fisher", summary)
     # one example per chunk: O(out * in) (its product, the (out, in) sum and allocator slack, as RSS), where
     # the whole batch at once (default budget here, vmap) holds B = 8 such products
     assert memory["fastunlearn-torch-1"] <= 4 * N_OUT * N_IN * 4, summary

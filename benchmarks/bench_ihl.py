@@ -12,13 +12,13 @@ Set FASTUNLEARN_BENCH_SUMMARY=path.json to keep the target numbers.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_common import device_name, write_summary
 from providers import setup_ihl
 
 CUDA = torch.cuda.is_available()
@@ -27,9 +27,6 @@ PROVIDERS = ["fastunlearn", "eager", "compiled"] if CUDA else ["fastunlearn", "f
 DTYPES = [torch.bfloat16, torch.float32]
 TARGET_SHAPE, TARGET_DTYPE = (8192, 128256), torch.bfloat16
 
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
 
 
 @pytest.mark.parametrize("mode", ["full", "forward"])
@@ -52,7 +49,7 @@ def test_ihl(benchmark, results, device, provider, shape, dtype, mode):
     benchmark.group = f"ihl {mode} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}"
     benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
     info = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "median_s": benchmark.stats.stats.median,
         "peak_extra_bytes": peak_extra,
         "extra_bytes_per_row": None if peak_extra is None else peak_extra / shape[0],
@@ -66,12 +63,6 @@ def _cuda_time_ms(fn, reps: int = 50) -> float:
 
     return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
 
-
-def _write_summary(summary: dict) -> None:
-    print(json.dumps(summary, indent=1))
-    path = os.environ.get("FASTUNLEARN_BENCH_SUMMARY")
-    if path:
-        Path(path).write_text(json.dumps(summary, indent=1))
 
 
 @pytest.mark.skipif(not CUDA, reason="GPU targets need CUDA")
@@ -89,13 +80,13 @@ def test_targets_cuda(results, device):
     kernel_bw = 3 * nbytes / (t_fused * 1e-3)  # forward read, backward read + write
     extra = results.get(("fastunlearn", "full", TARGET_SHAPE, TARGET_DTYPE), {}).get("extra_bytes_per_row")
     summary = {
-        "device": _device_name(device), "shape": [n_rows, n_cols], "dtype": "bfloat16",
+        "device": device_name(device), "shape": [n_rows, n_cols], "dtype": "bfloat16",
         "fused_ms": t_fused, "eager_ms": t_eager, "copy_ms": t_copy,
         "copy_GBps": copy_bw / 1e9, "fused_GBps": kernel_bw / 1e9,
         "bandwidth_fraction": kernel_bw / copy_bw, "speedup_vs_eager": t_eager / t_fused,
         "extra_bytes_per_row": extra,
     }  # fmt: skip
-    _write_summary(summary)
+    write_summary("ihl", summary)
     assert summary["bandwidth_fraction"] >= 0.80, summary
     assert summary["speedup_vs_eager"] >= 5.0, summary
     if extra is not None:  # absent when the timing test was deselected
@@ -111,5 +102,5 @@ def test_targets_cpu_torch_path_memory():
         capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    _write_summary(measured)
+    write_summary("ihl-cpu-memory", measured)
     assert measured["extra_bytes"] <= measured["chunk_budget_bytes"], measured

@@ -5,18 +5,16 @@
 8 x 200 tokens through a GPT-2 sized 768 -> 768 and 768 -> 3072 layer. Both providers compute the
 input gradient (as inside a network); LoRA also computes the adapters' gradients. test_overhead times
 the providers interleaved (best of N each, robust to a loaded machine) and prints (with
-FASTUNLEARN_BENCH_LORA_SUMMARY=path.json also keeps) the time ratio LoRA / frozen Linear.
+FASTUNLEARN_BENCH_SUMMARY=path.json also keeps) the time ratio LoRA / frozen Linear.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from bench_common import device_name, write_summary
 from torch import nn
 
 from fastunlearn.lora import LoRALinear
@@ -75,7 +73,7 @@ def test_layer(benchmark, device, provider, shape, rank, dtype):
 
 def test_overhead(device):
     """LoRA / frozen Linear time ratio from interleaved runs (best of N each; synchronized on CUDA)."""
-    summary = {"device": torch.cuda.get_device_name(device) if CUDA else f"cpu x{torch.get_num_threads()} threads"}
+    summary = {"device": device_name(device)}
     for shape in SHAPES:
         for dtype in DTYPES:
             runs = {"linear": setup_layer("linear", shape, RANKS[0], dtype, device)}
@@ -87,7 +85,4 @@ def test_overhead(device):
                 key = f"{shape[0]}x{shape[1]} r{rank} {str(dtype).removeprefix('torch.')}"
                 lora = best[f"r{rank}"]
                 summary[key] = {"linear_ms": best["linear"], "lora_ms": lora, "ratio": lora / best["linear"]}
-    print(json.dumps(summary, indent=1))
-    path = os.environ.get("FASTUNLEARN_BENCH_LORA_SUMMARY")
-    if path:
-        Path(path).write_text(json.dumps(summary, indent=1))
+    write_summary("lora", summary)

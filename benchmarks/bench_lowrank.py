@@ -19,12 +19,9 @@ test_targets compares fastunlearn with the svd_lowrank loop: equal or lower erro
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
+from bench_common import device_name, write_summary
 
 from fastunlearn.lowrank import weighted_error, weighted_lowrank_grouped
 
@@ -45,9 +42,6 @@ SETTINGS = {
 }
 PROVIDERS = [*SETTINGS, "svd_lowrank-loop", "full-svd"]
 
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
 
 
 def make_layers(set_name: str, device: torch.device) -> tuple[dict, dict]:
@@ -122,7 +116,7 @@ def test_lowrank(benchmark, results, device, layer_sets, set_name, provider):
     slow = provider == "full-svd" or device.type == "cpu" or set_name == "llama-7b"
     benchmark.pedantic(run, rounds=3 if slow else 10, iterations=1)
     info = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "median_s": benchmark.stats.stats.median,
         "error_rss": float(torch.stack(list(errors.values())).norm()),
     }
@@ -132,12 +126,6 @@ def test_lowrank(benchmark, results, device, layer_sets, set_name, provider):
     benchmark.extra_info.update(info)
     results[(set_name, provider)] = info
 
-
-def _write_summary(summary: dict) -> None:
-    print(json.dumps(summary, indent=1))
-    path = os.environ.get("FASTUNLEARN_BENCH_SUMMARY")
-    if path:
-        Path(path).write_text(json.dumps(summary, indent=1))
 
 
 @pytest.mark.parametrize("set_name", SET_PARAMS)
@@ -150,7 +138,7 @@ def test_targets(results, device, set_name):
     fast_enough = [p for p in timed if p in SETTINGS and timed[p]["error_rss"] <= loop["error_rss"]]
     fastest = min(fast_enough, key=lambda p: timed[p]["median_s"]) if fast_enough else None
     summary = {
-        "device": _device_name(device), "set": set_name, "rank": RANK,
+        "device": device_name(device), "set": set_name, "rank": RANK,
         "seconds": {p: t["median_s"] for p, t in timed.items()},
         "error_rss": {p: t["error_rss"] for p, t in timed.items()},
         "speedup_vs_svd_lowrank_loop": loop["median_s"] / ours["median_s"],
@@ -158,7 +146,7 @@ def test_targets(results, device, set_name):
         "fastest_setting_at_no_more_error": fastest,
         "its_speedup": None if fastest is None else loop["median_s"] / timed[fastest]["median_s"],
     }  # fmt: skip
-    _write_summary(summary)
+    write_summary("lowrank", summary)
     assert ours["error_rss"] <= loop["error_rss"], summary
     if device.type == "cuda":
         assert summary["speedup_vs_svd_lowrank_loop"] >= 5.0, summary

@@ -4,6 +4,12 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """The repository's addopts disable pytest-benchmark for the test suite; these modules are benchmarks."""
+    config.option.benchmark_disable = False
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
