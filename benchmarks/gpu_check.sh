@@ -6,7 +6,7 @@
 #
 # Writes into OUT_DIR: build.log, tests_cuda.log, tests.log, sweep.json, bench.json, targets.json, bench.log
 # (at most 8 files come back from the lent GPU machine: tee the console into the eighth).
-# About 6-7 minutes on one H200 (the IHL part alone took 4 min in one run; Fisher, low-rank and LoRA
+# About 6-7 minutes on one H200 (4 min when it held only the IHL benchmarks; the Fisher, low-rank and LoRA
 # benchmarks have not run on a GPU yet): give the run a 9-minute limit. Each step runs even if an earlier one failed;
 # the exit status is non-zero if any step failed.
 set -uo pipefail
