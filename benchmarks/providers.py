@@ -43,8 +43,14 @@ def loss_fn(provider: str):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def setup_ihl(provider: str, mode: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
-    """Inputs and the callable to time: mode "forward" (loss only) or "full" (loss and its gradient)."""
+def setup_ihl(
+    provider: str, mode: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, sync: bool = True
+):
+    """Inputs and the callable to time: mode "forward" (loss only) or "full" (loss and its gradient).
+
+    ``sync``: the callable waits for the GPU (wall-clock timing); without it calls queue up back to back,
+    as in a training loop, for timing with CUDA events over many calls.
+    """
     n_rows, n_cols = shape
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(n_rows, n_cols, device=device, dtype=dtype, generator=gen).mul_(4)
@@ -55,7 +61,7 @@ def setup_ihl(provider: str, mode: str, shape: tuple[int, int], dtype: torch.dty
     def run():
         loss = fn(logits, labels)
         out = torch.autograd.grad(loss, logits)[0] if mode == "full" else loss
-        if device.type == "cuda":
+        if sync and device.type == "cuda":
             torch.cuda.synchronize()
         return out
 
