@@ -1,8 +1,10 @@
 """fastunlearn: kernel-optimized LLM unlearning (Inverted Hinge Loss, FILA; Cha et al., arXiv 2408.06621).
 
-Importing never initializes CUDA and never needs Triton or the compiled extension: each fast path is
-probed on first use (see ``fastunlearn._dispatch``).
+Importing never initializes CUDA and never needs Triton or the compiled extension: the fast paths are
+probed once, without importing either (see ``fastunlearn._dispatch``); the engine loads on first use.
 """
+
+import importlib
 
 from ._dispatch import has_csrc, has_triton, select_impl
 from .export import save_merged_model, save_peft_adapter
@@ -24,6 +26,15 @@ from .objectives import (
 
 __version__ = "0.1.0"
 
+# The engine imports transformers (metrics, data); it loads on first use so `import fastunlearn` stays light.
+_LAZY = {"unlearn": ".unlearn", "UnlearnConfig": ".unlearn", "UnlearnResult": ".unlearn"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
+
 __all__ = [
     "FilaConfig",
     "FilaResult",
@@ -32,6 +43,8 @@ __all__ = [
     "IHLLoss",
     "LoRALinear",
     "LowRank",
+    "UnlearnConfig",
+    "UnlearnResult",
     "UnlearningLoss",
     "UnlearningLossOutput",
     "causal_lm_ihl_loss",
@@ -51,6 +64,7 @@ __all__ = [
     "select_impl",
     "shift_causal",
     "trainable_parameters",
+    "unlearn",
     "unlearning_loss",
     "weighted_lowrank",
     "weighted_lowrank_grouped",

@@ -1,9 +1,81 @@
-"""The ``fastunlearn`` command line: ``fastunlearn demo`` and ``fastunlearn info``."""
+"""The ``fastunlearn`` command line: ``unlearn``, ``eval``, ``demo`` and ``info``.
+
+One function per subcommand; user mistakes (missing files, bad options, a model that does not load) end
+with a one-line message and exit status 2, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+EXAMPLES = """examples:
+  fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
+      --heldout heldout.csv --loss ihl --params fila --rank 16 --out runs/fila-ihl
+  fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
+  fastunlearn demo
+"""
+
+
+def _load_model(path: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as exc:  # missing path, or a hub name with no network
+        raise ValueError(f"could not load model {path!r}: {exc}") from exc
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from .data import load_unlearning_data
+    from .unlearn import UnlearnConfig, unlearn
+
+    fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
+    config = UnlearnConfig(
+        forget_loss=args.loss, retain_weight=0.0 if args.no_retain else args.retain_weight, params=args.params,
+        rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lr=args.lr,
+        max_epochs=args.max_epochs, min_epochs=args.min_epochs, micro_batch_size=args.micro_batch_size,
+        stop="threshold" if args.ma_threshold is not None or args.el_threshold is not None else "heldout",
+        ma_threshold=args.ma_threshold, el_threshold=args.el_threshold, dtype=args.dtype, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, fila=fila, eval_retain_ppl=args.retain is not None,
+    )  # fmt: skip
+    model, tokenizer = _load_model(args.model, args.dtype)
+    data = load_unlearning_data(
+        tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field
+    )
+    result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
+    print(f"{'forgotten' if result.success else 'NOT forgotten'}: report in {args.out}/report.md")
+    return 0 if result.success else 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import load_texts, tokenize_sequences
+    from .metrics import evaluate
+
+    sets = {}
+    for spec in args.set:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--set takes NAME=FILE, got {spec!r}")
+        sets[name] = source
+    model, tokenizer = _load_model(args.model, args.dtype)
+    tokens = {
+        name: tokenize_sequences(load_texts(source, text_field=args.text_field, role=f"{name} set"), tokenizer,
+                                 seq_len=args.seq_len, role=f"{name} set").input_ids
+        for name, source in sets.items()
+    }  # fmt: skip
+    results = evaluate(model, tokens, metrics=tuple(args.metrics.split(",")), n=args.el_n)
+    print(f"{'set':12}" + "".join(f"{m:>10}" for m in args.metrics.split(",")))
+    for name, row in results.items():
+        print(f"{name:12}" + "".join(f"{v:>10.4f}" for v in row.values()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,17 +99,63 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a local model directory (or a hub name already in the HF cache)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (float32)")
+    p.add_argument("--seq-len", type=int, default=200, help="tokens per sequence (200, as the paper)")
+    p.add_argument("--text-field", default="text", help="column / field holding the text in csv / jsonl (text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastunlearn",
         description="Make language models forget data: fused Inverted Hinge Loss and FILA (arXiv 2408.06621).",
-    )
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="offline demo: a tiny model memorizes random sequences, then unlearns them")
-    demo.add_argument("--seed", type=int, default=0, help="seed for data and model (default 0)")
-    demo.set_defaults(func=_demo)
-    info = sub.add_parser("info", help="show which kernels (Triton, C++, torch) this install will use")
-    info.set_defaults(func=_info)
+
+    p = sub.add_parser("unlearn", help="make a model forget a data set, measured and saved",
+                       description="Unlearn FORGET from MODEL until its extraction likelihood (EL_10) and "
+                       "memorization accuracy (MA) fall to the held-out set's level; writes the adapter, the merged "
+                       "model, a JSON log, a Markdown report and a plot to OUT.")  # fmt: skip
+    _add_model_args(p)
+    p.add_argument("--forget", required=True, help="text to forget: .txt (one per line), .jsonl, .csv or a dataset")
+    p.add_argument("--retain", help="text to keep (retain loss, FILA's retain Fisher, perplexity)")
+    p.add_argument("--heldout", help="similar text the model never saw: its EL / MA are the target")
+    p.add_argument("--loss", choices=("ihl", "ga"), default="ihl", help="forget loss (ihl: the paper's)")
+    p.add_argument("--no-retain", action="store_true", help="no retain loss (plain GA when --loss ga)")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss (1.0)")
+    p.add_argument("--params", choices=("full", "lora", "fila"), default="fila", help="what trains (fila)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (2 x rank)")
+    p.add_argument("--fisher-mode", choices=("per_example", "per_batch"), default="per_example",
+                   help="FILA's Fisher estimator (per_example: the paper's Eq. 2)")  # fmt: skip
+    p.add_argument("--lr", type=float, help="learning rate (5e-5 full, 2e-4 lora/fila)")
+    p.add_argument("--max-epochs", type=int, default=20, help="give up after this many epochs (20)")
+    p.add_argument("--min-epochs", type=int, default=1, help="never stop before this many epochs (1)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward (8)")
+    p.add_argument("--ma-threshold", type=float, help="stop at this forget MA instead of the held-out level")
+    p.add_argument("--el-threshold", type=float, help="stop at this forget EL_10 instead of the held-out level")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--out", required=True, help="output directory (an interrupted run there is resumed)")
+    p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")
+    p.set_defaults(func=_unlearn)
+
+    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets")
+    _add_model_args(p)
+    p.add_argument("--set", action="append", required=True, metavar="NAME=FILE", help="a set to measure (repeat)")
+    p.add_argument("--metrics", default="ma,el,ppl", help="comma-separated: ma, el, ppl (all three)")
+    p.add_argument("--el-n", type=int, default=10, help="n of EL_n (10)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="offline demo: a tiny model memorizes data, then FILA + IHL unlearns it")
+    p.add_argument("--seed", type=int, default=0, help="seed for data and model (default 0)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("info", help="show which kernels (Triton, C++, torch) this install will use")
+    p.set_defaults(func=_info)
     return parser
 
 
@@ -48,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # user mistakes: a message, not a traceback
         print(f"fastunlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastunlearn {args.command}: interrupted (an unlearn run resumes from its last epoch)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

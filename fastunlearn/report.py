@@ -1,0 +1,177 @@
+"""What an unlearning run leaves for people: ``log.json``, ``report.md`` and ``metrics.png``, from its log.
+
+Every file is written to a temporary name next to it and renamed into place (``os.replace``), so a reader
+or an interrupted run never sees half a file. ``remove_stale_temporaries`` clears what a killed run left.
+``write_report`` and ``write_plot`` need only the log, so they can also re-render a finished run's
+``log.json``. The plot needs matplotlib (imported when called).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+TEMPORARY = ".*.tmp-*"  # the names atomic_write and export.atomic_directory write to before renaming
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporary files and directories an interrupted run left in ``out_dir`` (if it exists)."""
+    for stale in out_dir.glob(TEMPORARY) if out_dir.is_dir() else ():
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+def check_plotting() -> None:
+    """Raise before a run, not after it, if the plot cannot be drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the metrics plot (metrics.png) needs matplotlib: pip install matplotlib")
+
+
+def write_json(path: Path, log: dict) -> None:
+    atomic_write(path, json.dumps(log, indent=2, allow_nan=False) + "\n")
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _criterion_text(log: dict) -> str:
+    crit, n = log["criterion"], log["config"]["el_n"]
+    source = "the held-out set's values before unlearning" if crit["stop"] == "heldout" else "fixed thresholds"
+    return f"forget MA ≤ {_f(crit['ma'])} and EL_{n} ≤ {_f(crit['el'])} ({source})"
+
+
+def outcome(log: dict) -> str:
+    """Why a finished run succeeded or failed, one line."""
+    if log["success"]:
+        return "every forget set met the criterion" + (" and still does" if len(log["tasks"]) > 1 else "")
+    reasons = [f"forget set {t['task'] + 1}: {t['stop_reason']}" for t in log["tasks"] if not t["success"]]
+    reasons += [
+        f"forget set {i + 1} met it when its training stopped but not after the later tasks (MA {_f(m['ma'])}, "
+        f"EL {_f(m['el'])})"
+        for i, m in enumerate(log["tasks"][-1]["after"]["forget"])
+        if log["tasks"][i]["success"] and not m["met"]
+    ]
+    return "; ".join(reasons)
+
+
+def report_markdown(log: dict) -> str:
+    """The run as Markdown: result, settings, before → after, and a table of every epoch of every task."""
+    cfg, model, n = log["config"], log["model"], log["config"]["el_n"]
+    verdict = "SUCCESS" if log["success"] else "FAILURE"
+    result = f"**Result: {verdict}.** Criterion: {_criterion_text(log)}. Outcome: {outcome(log)}."
+    objective = cfg["forget_loss"].upper() + (
+        f" + {cfg['retain_weight']:g} × retain loss" if cfg["retain_weight"] else ""
+    )
+    adapters = f", rank {cfg['rank']}, alpha {cfg['alpha']:g}" if cfg["params"] != "full" else ""
+    timings = log["timings"]
+    lines = [
+        "# Unlearning report", "", result, "", "| setting | value |", "| --- | --- |",
+        f"| objective | {objective} |",
+        f"| trained parameters | {cfg['params']}{adapters}: {model['trainable_percent']:.3f}% "
+        f"({model['trainable_params']:,} of {model['total_params']:,}) |",
+        f"| optimizer | AdamW, lr {log['learning_rate']:g}, betas {tuple(cfg['betas'])}, weight decay "
+        f"{cfg['weight_decay']:g}; one update per epoch (micro-batches of {cfg['micro_batch_size']}) |",
+        f"| epochs | min {cfg['min_epochs']}, max {cfg['max_epochs']} per forget set |",
+        f"| model | {' '.join(filter(None, (model['class'], model['name_or_path'])))} in {cfg['dtype']} on "
+        f"{model['device']} |",
+        f"| data | forget {' + '.join(map(str, log['data']['forget']))}, retain {log['data']['retain']}, held-out "
+        f"{log['data']['heldout']} sequences of {log['data']['seq_len']} tokens |",
+        f"| time | {timings['total_s']:.1f} s (training {timings['train_s']:.1f} s, evaluation "
+        f"{timings['eval_s'] + timings['baseline_s']:.1f} s, export {timings['export_s']:.1f} s"
+        f"{', resumed ' + str(log['resumes']) + ' time(s)' if log['resumes'] else ''}) |",
+    ]  # fmt: skip
+    before, after = log["baseline"], log["tasks"][-1]["after"]
+    lines += ["", "## Before → after", "", f"| set | MA before | MA after | EL_{n} before | EL_{n} after | criterion |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [(f"forget set {i + 1}", b, a) for i, (b, a) in enumerate(zip(before["forget"], after["forget"]))]
+    if before["heldout"] is not None:
+        rows.append(("held-out", before["heldout"], after["heldout"]))
+    for name, b, a in rows:
+        met = "" if "met" not in a else "met" if a["met"] else "not met"
+        lines.append(f"| {name} | {_f(b['ma'])} | {_f(a['ma'])} | {_f(b['el'])} | {_f(a['el'])} | {met} |")
+    if before["retain_ppl"] is not None:
+        lines += ["", f"Retain perplexity: {before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after."]
+    for task in log["tasks"]:
+        lines += ["", f"## Forget set {task['task'] + 1} ({task['size']} sequences): {task['stop_reason']}", "",
+                  f"| epoch | forget loss | micro-batch range | retain loss | grad norm | forget MA | forget EL_{n} "
+                  f"| retain PPL | criterion |", "| " + " | ".join(["---"] * 9) + " |"]  # fmt: skip
+        for e in task["epochs"]:
+            low, high = e["forget_loss_range"]
+            lines.append(
+                f"| {e['epoch']} | {_f(e['forget_loss'])} | [{_f(low)}, {_f(high)}] | {_f(e['retain_loss'])} | "
+                f"{_f(e['grad_norm'])} | {_f(e['forget_ma'])} | {_f(e['forget_el'])} | {_f(e['retain_ppl'], 3)} | "
+                f"{'met' if e['criterion_met'] else 'not met'} |"
+            )
+        if len(log["tasks"]) > 1:
+            measured = ", ".join(
+                f"set {i + 1} MA {_f(m['ma'])} EL {_f(m['el'])}" for i, m in enumerate(task["after"]["forget"])
+            )
+            lines += ["", f"After this task: {measured}."]
+    lines += ["", f"EL_{n} is measured only once the forget MA meets its limit (– = not measured). Losses are "
+              "before each epoch's update; the range is over that epoch's micro-batches."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, log: dict) -> None:
+    atomic_write(path, report_markdown(log))
+
+
+def write_plot(path: Path, log: dict) -> None:
+    """Forget MA and EL_n per epoch (epoch 0: before) with the criterion's limits; in continual runs the earlier
+    sets' values after each later task (x); retain PPL if measured."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
+
+    n, crit, tasks = log["config"]["el_n"], log["criterion"], log["tasks"]
+    has_ppl = log["baseline"]["retain_ppl"] is not None
+    fig = Figure(figsize=(8, 6 if has_ppl else 4), layout="constrained")
+    axes = fig.subplots(2 if has_ppl else 1, 1, sharex=True, squeeze=False)[:, 0]
+    start, ppl_x, ppl_y, colors = 0, [0], [log["baseline"]["retain_ppl"]], []
+    for task in tasks:
+        first = log["baseline"]["forget"][task["task"]]
+        x = [start, *(start + e["epoch"] for e in task["epochs"])]
+        label = f" (set {task['task'] + 1})" if len(tasks) > 1 else ""
+        (ma,) = axes[0].plot(
+            x, [first["ma"], *(e["forget_ma"] for e in task["epochs"])], "o-", label=f"forget MA{label}"
+        )
+        colors.append(ma.get_color())
+        el = [(xi, v) for xi, v in zip(x, [first["el"], *(e["forget_el"] for e in task["epochs"])]) if v is not None]
+        axes[0].plot(*zip(*el), "s", color=colors[-1], mfc="none", label=f"forget EL_{n}{label}")
+        for j, after in enumerate(task["after"]["forget"][:-1]):  # earlier sets, measured again
+            label = "an earlier set's MA after a later task" if (task["task"], j) == (1, 0) else None
+            axes[0].plot(x[-1], after["ma"], "x", color=colors[j], ms=9, label=label)
+        ppl_x += x[1:]
+        ppl_y += [e["retain_ppl"] for e in task["epochs"]]
+        start = x[-1]
+        if len(tasks) > 1:
+            axes[0].axvline(start, color="grey", lw=0.5)
+    limit = "held-out" if crit["stop"] == "heldout" else "threshold"
+    axes[0].axhline(crit["ma"], color="tab:red", ls=":", label=f"{limit} MA (criterion)")
+    axes[0].axhline(crit["el"], color="tab:purple", ls=":", label=f"{limit} EL_{n} (criterion)")
+    axes[0].set(ylabel="memorization", ylim=(-0.02, 1.02), title="Forget set during unlearning")
+    axes[0].legend(fontsize="small")
+    if has_ppl:
+        axes[1].plot(ppl_x, ppl_y, "o-", color="tab:green")
+        axes[1].set(ylabel="retain perplexity")
+    axes[-1].set(xlabel="epoch (one update each; 0 = before)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write(path, buffer.getvalue())

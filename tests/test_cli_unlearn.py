@@ -1,0 +1,78 @@
+"""`fastunlearn unlearn` and `fastunlearn eval` end to end on a tiny saved model, and their user errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from tiny_models import tiny_model
+
+from fastunlearn import cli
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny GPT-Neo with a word-level tokenizer, and forget / retain / held-out text files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    tiny_model("gpt_neo").save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    for name, n in (("forget", 4), ("retain", 8), ("heldout", 4)):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(14)) for _ in range(n)]
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_unlearn_then_eval(workspace, capsys):
+    out = workspace / "run"
+    code = cli.main([
+        "unlearn", "--model", str(workspace / "model"), "--forget", str(workspace / "forget.txt"),
+        "--retain", str(workspace / "retain.txt"), "--heldout", str(workspace / "heldout.txt"),
+        "--params", "lora", "--rank", "2", "--max-epochs", "2", "--seq-len", "12", "--out", str(out),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code in (0, 1) and "report in" in printed
+    log = json.loads((out / "log.json").read_text())
+    assert log["config"]["params"] == "lora" and (out / "report.md").exists()
+    code = cli.main([
+        "eval", "--model", str(workspace / "model"), "--set", f"forget={workspace / 'forget.txt'}",
+        "--set", f"heldout={workspace / 'heldout.txt'}", "--seq-len", "12", "--json", str(workspace / "eval.json"),
+    ])  # fmt: skip
+    assert code == 0
+    results = json.loads((workspace / "eval.json").read_text())
+    assert set(results) == {"forget", "heldout"} and set(results["forget"]) == {"ma", "el", "ppl"}
+    assert 0.0 <= results["forget"]["ma"] <= 1.0 and results["forget"]["ppl"] > 1.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--forget", "{root}/missing.txt"], "forget set file not found"),
+        (["--forget", "{root}/forget.txt", "--model", "{root}/no-model"], "could not load model"),
+        (["--forget", "{root}/forget.txt", "--rank", "0"], "rank must be an int >= 1"),
+    ],
+)
+def test_unlearn_user_errors_exit_2_without_traceback(workspace, capsys, argv, message):
+    base = {"--model": "{root}/model", "--out": "{root}/bad-run", "--heldout": "{root}/heldout.txt",
+            "--retain": "{root}/retain.txt"}  # fmt: skip
+    args = dict(zip(argv[::2], argv[1::2]))
+    merged = {**base, **args}
+    flat = ["unlearn", *[x.format(root=workspace) for kv in merged.items() for x in kv]]
+    assert cli.main(flat) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_rejects_a_bad_set_spec(workspace, capsys):
+    assert cli.main(["eval", "--model", str(workspace / "model"), "--set", "forget"]) == 2
+    assert "--set takes NAME=FILE" in capsys.readouterr().err
