@@ -81,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, main
 
-    return main(DemoConfig(seed=args.seed))
+    return main(DemoConfig(seed=args.seed, out_dir=args.out, cache_dir=args.cache_dir))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -151,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="offline demo: a tiny model memorizes data, then FILA + IHL unlearns it")
-    p.add_argument("--seed", type=int, default=0, help="seed for data and model (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, model and unlearning (default 0)")
+    p.add_argument("--out", default="fastunlearn-demo",
+                   help="output directory (./fastunlearn-demo); a previous demo output there is replaced")  # fmt: skip
+    p.add_argument("--cache-dir", help="where the memorized model is cached ($FASTUNLEARN_CACHE_DIR, else "
+                   "~/.cache/fastunlearn)")  # fmt: skip
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("info", help="show which kernels (Triton, C++, torch) this install will use")
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastunlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastunlearn {args.command}: interrupted (an unlearn run resumes from its last epoch)", file=sys.stderr)
+        hint = " (the same command resumes from the last finished epoch)" if args.command == "unlearn" else ""
+        print(f"fastunlearn {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -9,18 +9,18 @@ import re
 
 import pytest
 import torch
+from tiny_models import MemorizerConfig, memorize
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from fastunlearn.data import SequenceSet, UnlearningData, split_tasks
-from fastunlearn.demo import DemoConfig, memorize
 from fastunlearn.ihl import ihl_loss
 from fastunlearn.lora import lora_layers
 from fastunlearn.metrics import extraction_likelihood, memorization_accuracy
 from fastunlearn.objectives import shift_causal
 from fastunlearn.unlearn import UnlearnConfig, unlearn
 
-DEMO = DemoConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
+DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 # a tiny model unlearns in a few updates at a larger learning rate than the paper's; EL_5 fits 16 tokens
 FAST = {"rank": 4, "alpha": 8.0, "lr": 2e-2, "el_n": 5, "micro_batch_size": 2}
 NEVER = {"stop": "threshold", "ma_threshold": 0.0, "el_threshold": 0.0}  # a criterion no epoch meets here

@@ -1,9 +1,14 @@
-"""Tiny randomly initialized causal LMs for the adapter tests: GPT-Neo (nn.Linear) and GPT-2 (Conv1D)."""
+"""Tiny causal LMs for the tests: randomly initialized GPT-Neo (nn.Linear) and GPT-2 (Conv1D) for the adapter
+tests, and a GPT-Neo that memorized random token sequences for the unlearning tests."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
+
+from fastunlearn.objectives import retain_loss, shift_causal
 
 VOCAB = 64
 KINDS = ("gpt_neo", "gpt2")
@@ -28,3 +33,38 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
 
 def token_batch(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class MemorizerConfig:
+    """Random token sequences split into forget / retain / held-out, and the memorizer's training budget."""
+
+    vocab_size: int = 96
+    seq_len: int = 24
+    n_forget: int = 4
+    n_retain: int = 12
+    n_heldout: int = 4  # never trained on: the "forgotten" level of MA and EL
+    memorize_steps: int = 400
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def memorize(cfg: MemorizerConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A 2-layer GPT-Neo trained (full batch) on forget + retain until it reproduces them; (model, {set: ids})."""
+    torch.manual_seed(cfg.seed)
+    data = torch.randint(0, cfg.vocab_size, (cfg.n_forget + cfg.n_retain + cfg.n_heldout, cfg.seq_len))
+    sets = dict(zip(("forget", "retain", "heldout"), data.split([cfg.n_forget, cfg.n_retain, cfg.n_heldout])))
+    config = GPTNeoConfig(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.seq_len, hidden_size=64, num_layers=2,
+        num_heads=4, attention_types=[[["global"], 2]], window_size=cfg.seq_len, intermediate_size=256,
+        embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = GPTNeoForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    train = torch.cat([sets["forget"], sets["retain"]])
+    for _ in range(cfg.memorize_steps):
+        loss = retain_loss(*shift_causal(model(train).logits, train))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model, sets
