@@ -1,0 +1,27 @@
+"""benchmarks/table1.py as a user runs it: --help, and a clean skip when the TDEC data folder is absent."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "table1.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_options():
+    result = _run("--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--scale", "--data", "--out", "--cache"):
+        assert option in result.stdout
+
+
+def test_absent_data_folder_skips_with_a_clear_message(tmp_path):
+    missing, out = tmp_path / "no-such-tdec", tmp_path / "out"
+    result = _run("--data", str(missing), "--out", str(out), "--cache", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stderr and str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
