@@ -574,11 +574,16 @@ def unlearn(
             write_json(out / "log.json", log)
             if on_epoch_end is not None:
                 on_epoch_end(k, record)
-        after = [_measure(model, t, cfg) for t in tasks[: k + 1]]  # every set so far: a later task may undo one
+        # every set so far (a later task may undo one); the last epoch already measured this task's set and
+        # the retain perplexity on the current weights, unless it skipped EL
+        last = task["epochs"][-1]  # a task runs at least one epoch
+        after = [_measure(model, t, cfg) for t in tasks[:k]]
+        reuse = last["forget_el"] is not None
+        after.append({"ma": last["forget_ma"], "el": last["forget_el"]} if reuse else _measure(model, forget, cfg))
         task["after"] = {
             "forget": [{**metrics, "met": _met(metrics, crit)} for metrics in after],
             "heldout": None if heldout is None else _measure(model, heldout, cfg),
-            "retain_ppl": _retain_ppl(model, retain, cfg),
+            "retain_ppl": last["retain_ppl"],
         }
         lap("eval_s")
         write_json(out / "log.json", log)

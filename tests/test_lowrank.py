@@ -13,14 +13,7 @@ from fastunlearn.lowrank import LowRank, weighted_error, weighted_lowrank, weigh
 LOWRANK_IMPLS = [p for p in IMPL_PARAMS if p.id != "triton"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: LAPACK on these small matrices is fastest so, and on a busy 2-core machine each
-    multi-threaded call waits for a free core (this file: 1.8 s, vs 11 s idle / 65 s busy with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # LAPACK on these small matrices: fastest so
 
 
 def with_spectrum(out: int, n_in: int, sigma: torch.Tensor, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -27,13 +27,7 @@ NEVER = {"stop": "threshold", "ma_threshold": 0.0, "el_threshold": 0.0}  # a cri
 TIMING_KEYS = ("timings", "resumes")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one thread is faster for these tiny matrices and unaffected by the other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def as_set(ids: torch.Tensor) -> SequenceSet:
