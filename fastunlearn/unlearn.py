@@ -197,13 +197,12 @@ def _check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSe
             raise TypeError(f"{name} must be a SequenceSet, got {type(seqs).__name__}")
         if len(seqs) == 0 or _n_targets(seqs.attention_mask) == 0:
             raise ValueError(f"{name} is empty: it has {len(seqs)} sequences and no next-token target")
-        if scored and seqs.seq_len <= cfg.el_n:
+        shortest = int(seqs.attention_mask.sum(1).min())  # EL scores each sequence without its padding
+        if scored and shortest <= cfg.el_n:
             raise ValueError(
-                f"{name} has sequences of {seqs.seq_len} tokens; EL_{cfg.el_n} (el_n={cfg.el_n}) needs at least "
+                f"{name} has a sequence of {shortest} tokens; EL_{cfg.el_n} (el_n={cfg.el_n}) needs at least "
                 f"{cfg.el_n + 1}"
             )
-        if scored and not bool(seqs.attention_mask.all()):
-            logger.warning("%s has padding: MA skips it, but EL_%d scores the padded tokens too", name, cfg.el_n)
     if retain is None:
         for needs, why in (
             (cfg.retain_weight > 0, f"retain_weight={cfg.retain_weight} (set retain_weight=0 for no retain loss)"),
@@ -325,7 +324,10 @@ def _measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: flo
     ma = ma.mean().item()
     if limit is not None and ma > limit:
         return {"ma": ma, "el": None}
-    el = extraction_likelihood(model, seqs.input_ids, cfg.el_n, batch_size=cfg.eval_batch_size).mean().item()
+    el = extraction_likelihood(
+        model, seqs.input_ids, cfg.el_n, attention_mask=seqs.attention_mask, batch_size=cfg.eval_batch_size
+    )
+    el = el.mean().item()
     return {"ma": ma, "el": el}
 
 

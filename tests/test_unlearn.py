@@ -328,6 +328,9 @@ def test_bad_data_is_rejected_before_anything_changes(memorized, tmp_path):
         torch.zeros(0, 16, dtype=torch.long), torch.zeros(0, 16, dtype=torch.long), torch.zeros(0).long()
     )
     padding = SequenceSet(data.forget.input_ids, torch.zeros_like(data.forget.input_ids), data.forget.source_index)
+    short_mask = torch.ones_like(data.forget.attention_mask)
+    short_mask[0, 5:] = 0  # 5 real tokens, right-padded: too short for EL_5 once the padding is dropped
+    short = SequenceSet(data.forget.input_ids, short_mask, data.forget.source_index)
     cases = [
         (UnlearningData(empty, data.retain, data.heldout), {}, "forget set is empty"),
         (UnlearningData([data.forget, padding], data.retain, data.heldout), {}, "forget set 2 of 2 is empty"),
@@ -335,6 +338,7 @@ def test_bad_data_is_rejected_before_anything_changes(memorized, tmp_path):
         (UnlearningData(data.forget, None, data.heldout), {"params": "lora"}, "retain_weight=1.0.*needs a retain set"),
         (UnlearningData(data.forget, data.retain), {}, "stop='heldout' needs a held-out set"),
         (data, {"el_n": 16}, r"EL_16 \(el_n=16\) needs at least 17"),
+        (UnlearningData(short, data.retain, data.heldout), {}, r"a sequence of 5 tokens; EL_5 \(el_n=5\)"),
         ([data.forget.input_ids], {}, "forget set must be a SequenceSet, got Tensor"),
     ]
     model = copy.deepcopy(base)
