@@ -142,8 +142,8 @@ def ihl_loss(
     per-token losses of shape ``labels.shape`` (``none``, 0 at ignored positions).
 
     ``inplace_grad=True`` writes the gradient into the logits buffer instead of a new (N, V) tensor,
-    saving that memory. It is opt-in because the logits' values are destroyed during backward, bypassing
-    nothing but surprising any other consumer: another op that saved the same logits for its own backward
+    saving that memory. It is opt-in because the logits' values are destroyed during backward (the custom op
+    declares the mutation, so autograd notices): another op that saved the same logits for its own backward
     (e.g. a second loss on them) then fails with autograd's "modified by an inplace operation" error, and
     logits that are a leaf tensor would receive themselves as ``.grad``. Use it when the logits come from an
     LM head and feed only this loss.
