@@ -106,6 +106,11 @@ def lora_factors(low_rank: LowRank, row_weights: Tensor, scale: float) -> tuple[
     return a, b
 
 
+def _lowrank_input(W: Tensor) -> Tensor:
+    """The low-rank step's math is float32: a float64 weight is rounded to it (lower precisions are upcast there)."""
+    return W.detach().float() if W.dtype == torch.float64 else W.detach()
+
+
 def fila_init(
     model: nn.Module,
     forget_data: object,
@@ -131,12 +136,10 @@ def fila_init(
     row_weights = _apply_weighting(fisher_w, cfg.row_weighting)
     with torch.no_grad():
         low_rank = weighted_lowrank_grouped(
-            {name: weight_out_in(m).detach() for name, m in modules.items()}, row_weights, cfg.rank,
+            {name: _lowrank_input(weight_out_in(m)) for name, m in modules.items()}, row_weights, cfg.rank,
             oversample=cfg.oversample, n_iter=cfg.n_iter, exact=cfg.exact, seed=cfg.seed,
         )  # fmt: skip
-    layers = inject_lora(
-        model, names, cfg.rank, cfg.alpha, init="lora", dropout=cfg.dropout, use_rslora=cfg.use_rslora
-    )
+    layers = inject_lora(model, names, cfg.rank, cfg.alpha, init="lora", dropout=cfg.dropout, use_rslora=cfg.use_rslora)
     for name, layer in layers.items():
         a, b = lora_factors(low_rank[name], row_weights[name].to(low_rank[name].U.device), layer.scale)
         layer.init_from_factors(a, b)

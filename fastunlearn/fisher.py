@@ -17,7 +17,18 @@ and each G is consumed as soon as backward produces it. The examples of a causal
 interact, so G_n is example n's own gradient and dL_n/dW = G_n^T X_n. ``per_example`` accumulates
 sum_n (G_n^T X_n)^2 without forming the (B, out, in) per-example gradients: the fused Triton kernel
 (``fastunlearn.kernels.fisher``) on CUDA, chunked bmm (``_fisher_torch``) otherwise. ``per_batch`` takes
-one (out, in) matmul per layer and batch. The model runs in its own dtype; F accumulates in float32.
+one (out, in) matmul per layer and batch. The model runs in its own dtype; F is float32 (float64 for a
+float64 model).
+
+Summation: each batch's contribution is computed into a scratch tensor, then added to a running sum with
+its rounding error kept apart (TwoSum; one extra F-sized buffer). The result is the sum of the batches'
+contributions rounded once, whatever order or grouping they were added in, so a run split over processes
+gives the same bits as a one-process run (up to a rounding tie, about n_batches x 2^-53 per element for
+float64: never seen in practice). Multi-process (a ``torch.distributed`` process group is initialized):
+data given as a tensor or dict is split into batches and rank r takes batches r, r + world_size, ...; an
+iterable of batches is taken as this rank's own share (e.g. from a ``DistributedSampler``). Every rank then
+gathers the others' (sum, error) pairs, adds them in rank order the same way, and all-reduces the counts:
+every rank returns the same result. ``distributed=False`` keeps a rank's result to itself.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _fisher_torch
+from . import distributed as dist_utils
 from ._dispatch import select_impl
 from .targets import find_targets, is_conv1d
 
@@ -95,13 +107,16 @@ def _as_batch(batch: object, where: str) -> dict[str, Tensor]:
     return {key: batch[key] for key in BATCH_KEYS if batch.get(key) is not None}
 
 
-def _batches(data: object, cfg: FisherConfig) -> tuple[Iterator[dict[str, Tensor]], int | None]:
-    """(batches cut at max_examples, their number when known)."""
+def _batches(
+    data: object, cfg: FisherConfig, process: dist_utils.Process
+) -> tuple[Iterator[dict[str, Tensor]], int | None]:
+    """(this rank's batches, cut at max_examples; their number when known)."""
     if isinstance(data, (Tensor, Mapping)):
         full = _as_batch(data, "data")
         n = full["input_ids"].shape[0] if cfg.max_examples is None else min(cfg.max_examples, len(full["input_ids"]))
-        step = cfg.batch_size
-        return (({k: v[s : min(s + step, n)] for k, v in full.items()} for s in range(0, n, step)), -(-n // step))
+        starts = range(0, n, cfg.batch_size)
+        mine = [starts[i] for i in dist_utils.owned(len(starts), process)]
+        return ({k: v[s : min(s + cfg.batch_size, n)] for k, v in full.items()} for s in mine), len(mine)
     if not isinstance(data, Iterable):
         raise TypeError(f"data must be a LongTensor, a dict or an iterable of batches, got {type(data).__name__}")
 
@@ -190,6 +205,30 @@ def accumulate_per_example(fisher: Tensor, x: Tensor, g: Tensor, chunk_bytes: in
         _fisher_torch.fisher_accumulate(fisher, x, g, chunk_bytes=chunk_bytes)
 
 
+def _two_sum_(total: Tensor, error: Tensor, term: Tensor) -> None:
+    """total + error += term, with total + term rounded and its exact rounding error added to ``error``
+    (Knuth's TwoSum: s = total + term, b = s - total, err = (total - (s - b)) + (term - b))."""
+    s = total + term
+    b = s - total
+    error.add_((total - (s - b)).add_(term - b))
+    total.copy_(s)
+
+
+def _reduce_compensated(total: Tensor, error: Tensor, reduce: bool) -> Tensor:
+    """Every rank's (total, error) added in rank order, then rounded once: the same on every rank."""
+    if not reduce:
+        return total.add_(error)
+    device = dist_utils.comm_device()
+    pairs = torch.stack([total, error]).to(device)  # (2, *shape)
+    gathered = [torch.empty_like(pairs) for _ in range(dist_utils.current().world_size)]
+    torch.distributed.all_gather(gathered, pairs)
+    s, c = torch.zeros_like(pairs[0]), torch.zeros_like(pairs[0])
+    for part in gathered:
+        _two_sum_(s, c, part[0])
+        _two_sum_(s, c, part[1])
+    return total.copy_(s.add_(c))
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
@@ -215,6 +254,7 @@ def empirical_fisher(
     ignore_index: int = -100,
     chunk_mb: float = 256.0,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> FisherResult:
     """Diagonal empirical Fisher of every target layer's weight (see the module docstring for both modes).
 
@@ -222,12 +262,19 @@ def empirical_fisher(
     into ``batch_size`` rows), or an iterable of such batches (used as given). ``labels`` are aligned with
     input_ids as in Hugging Face (the shift happens here). ``targets``: layer patterns or a preset
     (``fastunlearn.targets``). The model's train/eval modes, parameters and their ``requires_grad`` and
-    ``.grad`` are left as they were.
+    ``.grad`` are left as they were. ``distributed``: reduce over the default process group (None: when
+    one is initialized; see the module docstring).
     """
     cfg = FisherConfig(mode, batch_size, max_examples, ignore_index, chunk_mb, progress)
+    process = dist_utils.current() if distributed is not False else dist_utils.Process()
+    if distributed and not process.distributed:
+        raise ValueError("distributed=True needs an initialized torch.distributed process group of 2+ processes")
     modules = find_targets(model, targets)
-    fisher = {name: torch.zeros(m.weight.shape, device=m.weight.device) for name, m in modules.items()}
-    out_in = {name: fisher[name].t() if is_conv1d(m) else fisher[name] for name, m in modules.items()}
+    dtypes = {name: torch.promote_types(m.weight.dtype, torch.float32) for name, m in modules.items()}
+    fisher = {
+        name: torch.zeros(m.weight.shape, dtype=dtypes[name], device=m.weight.device) for name, m in modules.items()
+    }
+    errors = {name: torch.zeros_like(f) for name, f in fisher.items()}  # rounding errors of the running sums
     chunk_bytes = int(cfg.chunk_mb * 2**20)
 
     def consume(name: str, x: Tensor, g: Tensor) -> None:
@@ -235,19 +282,24 @@ def empirical_fisher(
         if x.shape[0] != n_rows:
             raise RuntimeError(f"target layer {name!r} sees input {tuple(x.shape)}: the batch must be dimension 0")
         x, g = x.reshape(n_rows, -1, x.shape[-1]), g.reshape(n_rows, -1, g.shape[-1])  # (B, T, in), (B, T, out)
+        term = torch.zeros_like(fisher[name])  # this batch's contribution
+        term_out_in = term.t() if is_conv1d(modules[name]) else term  # (out, in)
         if cfg.mode == "per_example":
-            accumulate_per_example(out_in[name], x, g, chunk_bytes)
+            accumulate_per_example(term_out_in, x, g, chunk_bytes)
         else:  # n_b g_b^2 with g_b = (sum_t g_t x_t^T) / n_b
-            summed = torch.mm(g.reshape(-1, g.shape[-1]).t().float(), x.reshape(-1, x.shape[-1]).float())
-            out_in[name].add_(summed.square_().div_(batch_tokens))
+            dtype = dtypes[name]
+            summed = torch.mm(g.reshape(-1, g.shape[-1]).t().to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))
+            term_out_in.copy_(summed.square_().div_(batch_tokens))
+        _two_sum_(fisher[name], errors[name], term)
 
     device = next(model.parameters()).device
-    batches, total = _batches(data, cfg)
+    batches, total = _batches(data, cfg, process)
     n_examples = n_tokens = 0
     taps = _Taps(modules, consume)
     try:
         with _eval_mode(model), torch.enable_grad():
-            for batch in tqdm(batches, total=total, desc=f"Fisher ({cfg.mode})", disable=not cfg.progress):
+            show = cfg.progress and process.is_main
+            for batch in tqdm(batches, total=total, desc=f"Fisher ({cfg.mode})", disable=not show):
                 loss, batch_tokens = _sequence_nll(model, {k: v.to(device) for k, v in batch.items()}, ignore_index)
                 n_examples += len(batch["input_ids"])
                 n_tokens += batch_tokens
@@ -256,6 +308,10 @@ def empirical_fisher(
                 taps.reset()
     finally:
         taps.remove()
+    if process.distributed:
+        n_examples, n_tokens = dist_utils.all_reduce_sum([n_examples, n_tokens])
+    for name in fisher:
+        _reduce_compensated(fisher[name], errors.pop(name), process.distributed)
     if n_examples == 0:
         raise ValueError("data holds no sequences")
     if n_tokens == 0:

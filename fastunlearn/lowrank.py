@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _validate
+from . import distributed as dist_utils
 from ._dispatch import select_impl
 
 
@@ -257,6 +258,7 @@ def weighted_lowrank_grouped(
     seed: int = 0,
     max_batch_bytes: int = 2**30,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> dict[str, LowRank]:
     """:func:`weighted_lowrank` of many layers, batched by (shape, dtype, device): name -> LowRank.
 
@@ -265,6 +267,12 @@ def weighted_lowrank_grouped(
     chunk, see csrc/lowrank.cpp). The k-th layer (in ``weights`` order) is drawn with seed ``seed + k``,
     so results do not depend on how layers are batched. Shapes, dtypes and row weights of every layer are
     checked before any work starts; a non-finite weight is reported, by layer name, when its batch runs.
+
+    Multi-process (``distributed``; None: when a ``torch.distributed`` process group is initialized): every
+    rank passes the same layers; the batches are shared out by size (largest first, to the least loaded
+    rank), each rank factors its own, then each batch's result is broadcast from its rank, so every rank
+    returns the one-process result (the same batches, computed by the same code). An error on one rank is
+    raised on all.
     """
     _check_config(rank, oversample, n_iter, exact)
     _check_int("max_batch_bytes", max_batch_bytes, 1)
@@ -291,18 +299,51 @@ def weighted_lowrank_grouped(
         if device.type == "cpu":  # the op runs CPU chunks one by one anyway: stacking more only copies
             per_batch = min(per_batch, _cpu_chunk(*shape))
         batches += [members[i : i + per_batch] for i in range(0, len(members), per_batch)]
-    results: dict[str, LowRank] = {}
-    for batch in tqdm(batches, desc="weighted low-rank", unit="batch", disable=not progress):
-        if len(batch) == 1:  # a view, no copy
-            W, w = weights[names[batch[0]]].unsqueeze(0), row_weights[names[batch[0]]].unsqueeze(0)
-        else:
-            W = torch.stack([weights[names[k]] for k in batch])  # (B, out, in)
-            w = torch.stack([row_weights[names[k]] for k in batch])  # (B, out)
-        seeds, labels = [seed + k for k in batch], [f"W[{names[k]!r}]" for k in batch]
-        U, S, V = _run(W, w, rank, oversample, n_iter, exact, seeds, labels)
-        for b, k in enumerate(batch):
-            results[names[k]] = LowRank(U[b], S[b], V[b])
+    process = dist_utils.current() if distributed is not False else dist_utils.Process()
+    if distributed and not process.distributed:
+        raise ValueError("distributed=True needs an initialized torch.distributed process group of 2+ processes")
+    costs = [len(b) * weights[names[b[0]]].numel() for b in batches]
+    owners = dist_utils.balanced_owners(costs, process.world_size)
+    factored: dict[int, LowRank] = {}  # batch index -> (B, ...) result
+    error = None
+    try:
+        mine = [i for i, owner in enumerate(owners) if owner == process.rank]
+        for i in tqdm(mine, desc="weighted low-rank", unit="batch", disable=not (progress and process.is_main)):
+            factored[i] = _run_batch(batches[i], weights, row_weights, names, rank, oversample, n_iter, exact, seed)
+    except (ValueError, RuntimeError) as exc:
+        error = exc
+    if process.distributed:
+        dist_utils.raise_together(error)
+        for i, batch in enumerate(batches):  # the owner sends its result, the others receive it
+            factored[i] = _broadcast_factors(factored.get(i), batch, weights[names[batch[0]]], rank, owners[i])
+    elif error is not None:
+        raise error
+    results = {
+        names[k]: LowRank(U[b], S[b], V[b]) for i, (U, S, V) in factored.items() for b, k in enumerate(batches[i])
+    }
     return {name: results[name] for name in names}
+
+
+def _run_batch(batch, weights, row_weights, names, rank, oversample, n_iter, exact, seed) -> LowRank:
+    """One batch of same-shape layers (indices into ``names``) -> (B, ...) LowRank."""
+    if len(batch) == 1:  # a view, no copy
+        W, w = weights[names[batch[0]]].unsqueeze(0), row_weights[names[batch[0]]].unsqueeze(0)
+    else:
+        W = torch.stack([weights[names[k]] for k in batch])  # (B, out, in)
+        w = torch.stack([row_weights[names[k]] for k in batch])  # (B, out)
+    seeds, labels = [seed + k for k in batch], [f"W[{names[k]!r}]" for k in batch]
+    return _run(W, w, rank, oversample, n_iter, exact, seeds, labels)
+
+
+def _broadcast_factors(own: LowRank | None, batch: list[int], W: Tensor, rank: int, owner: int) -> LowRank:
+    """``own`` on rank ``owner``; elsewhere, float32 (B, out, r), (B, r), (B, in, r) received from it."""
+    out, n_in = W.shape
+    device = dist_utils.comm_device()
+    shapes = ((len(batch), out, rank), (len(batch), rank), (len(batch), n_in, rank))
+    parts = [t.to(device) for t in own] if own is not None else [torch.empty(s, device=device) for s in shapes]
+    for t in parts:
+        torch.distributed.broadcast(t, src=owner)
+    return LowRank(*(t.to(W.device) for t in parts))
 
 
 def weighted_error(W: Tensor, row_weights: Tensor, U: Tensor, S: Tensor, V: Tensor) -> Tensor:
