@@ -35,6 +35,7 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
 
+
 __all__ = [
     "FilaConfig",
     "FilaResult",

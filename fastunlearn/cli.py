@@ -13,12 +13,16 @@ import sys
 EXAMPLES = """examples:
   fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
       --heldout heldout.csv --loss ihl --params fila --rank 16 --out runs/fila-ihl
+  torchrun --nproc-per-node 8 -m fastunlearn unlearn --model meta-llama/Llama-2-7b-hf --forget forget.csv \
+      --retain wiki.txt --heldout heldout.csv --dtype bfloat16 --parallel fsdp --out runs/llama-fila
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
+  fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt
   fastunlearn demo
 """
 
 
-def _load_model(path: str, dtype: str):
+def _load_model(path: str, dtype: str, device=None):
+    """(model on ``device``, by default the GPU if there is one; its tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,11 +31,15 @@ def _load_model(path: str, dtype: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except OSError as exc:  # missing path, or a hub name with no network
         raise ValueError(f"could not load model {path!r}: {exc}") from exc
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer
 
 
 def _unlearn(args: argparse.Namespace) -> int:
+    """One process, or every rank of a ``torchrun`` launch (each loads the model onto its own device)."""
+    import torch.distributed as dist
+
     from .data import load_unlearning_data
+    from .distributed import current, init_from_env
     from .unlearn import UnlearnConfig, unlearn
 
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
@@ -42,14 +50,31 @@ def _unlearn(args: argparse.Namespace) -> int:
         stop="threshold" if args.ma_threshold is not None or args.el_threshold is not None else "heldout",
         ma_threshold=args.ma_threshold, el_threshold=args.el_threshold, dtype=args.dtype, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, fila=fila, eval_retain_ppl=args.retain is not None,
+        parallel=args.parallel, fused_ihl=args.fused_ihl,
     )  # fmt: skip
-    model, tokenizer = _load_model(args.model, args.dtype)
-    data = load_unlearning_data(
-        tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field
-    )
-    result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
-    print(f"{'forgotten' if result.success else 'NOT forgotten'}: report in {args.out}/report.md")
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    device = init_from_env()  # under torchrun: the process group and this rank's GPU
+    try:
+        model, tokenizer = _load_model(args.model, args.dtype, device)
+        data = load_unlearning_data(
+            tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field
+        )
+        result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
+        is_main = current().is_main
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+    if is_main:
+        print(f"{'forgotten' if result.success else 'NOT forgotten'}: report in {args.out}/report.md")
     return 0 if result.success else 1
+
+
+def _lm_eval_tasks(spec: str | None) -> list[str]:
+    """``--lm-eval-tasks``: comma-separated lm-eval task names; ``paper`` stands for the paper's nine."""
+    from .downstream import PAPER_TASKS
+
+    names = [name.strip() for name in (spec or "").split(",") if name.strip()]
+    return list(dict.fromkeys(t for name in names for t in (PAPER_TASKS if name == "paper" else [name])))
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -57,25 +82,54 @@ def _eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate
 
     sets = {}
-    for spec in args.set:
+    for spec in args.set or []:
         name, sep, source = spec.partition("=")
         if not sep or not name or not source:
             raise ValueError(f"--set takes NAME=FILE, got {spec!r}")
         sets[name] = source
+    tasks = _lm_eval_tasks(args.lm_eval_tasks)
+    if not sets and not tasks:
+        raise ValueError("nothing to evaluate: give --set NAME=FILE (repeat) and/or --lm-eval-tasks")
+    if not tasks and (args.lm_eval_include or args.lm_eval_limit is not None):
+        raise ValueError("--lm-eval-include and --lm-eval-limit need --lm-eval-tasks")
+    if tasks and args.json and "lm_eval" in sets:
+        raise ValueError("--set name 'lm_eval' is taken by the lm-eval results in --json; rename the set")
+    if tasks:
+        _check_lm_eval_tasks(tasks, args.lm_eval_include)  # before the model loads
     model, tokenizer = _load_model(args.model, args.dtype)
-    tokens = {
-        name: tokenize_sequences(load_texts(source, text_field=args.text_field, role=f"{name} set"), tokenizer,
-                                 seq_len=args.seq_len, role=f"{name} set").input_ids
-        for name, source in sets.items()
-    }  # fmt: skip
-    results = evaluate(model, tokens, metrics=tuple(args.metrics.split(",")), n=args.el_n)
-    print(f"{'set':12}" + "".join(f"{m:>10}" for m in args.metrics.split(",")))
-    for name, row in results.items():
-        print(f"{name:12}" + "".join(f"{v:>10.4f}" for v in row.values()))
+    results = {}
+    if sets:
+        tokens = {
+            name: tokenize_sequences(load_texts(source, text_field=args.text_field, role=f"{name} set"), tokenizer,
+                                     seq_len=args.seq_len, role=f"{name} set").input_ids
+            for name, source in sets.items()
+        }  # fmt: skip
+        results = evaluate(model, tokens, metrics=tuple(args.metrics.split(",")), n=args.el_n)
+        print(f"{'set':12}" + "".join(f"{m:>10}" for m in args.metrics.split(",")))
+        for name, row in results.items():
+            print(f"{name:12}" + "".join(f"{v:>10.4f}" for v in row.values()))
+    if tasks:
+        from .downstream import evaluate_downstream
+
+        downstream = evaluate_downstream(
+            model, tokenizer, tasks, include_path=args.lm_eval_include, limit=args.lm_eval_limit
+        )
+        print(("\n" if sets else "") + downstream.to_markdown())
+        results["lm_eval"] = downstream.to_dict()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def _check_lm_eval_tasks(tasks: list[str], include: str | None) -> None:
+    """Unknown task names and a missing lm-eval are user mistakes: one line, exit 2."""
+    from .downstream import check_tasks
+
+    try:
+        check_tasks(tasks, include_path=include)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -137,17 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ma-threshold", type=float, help="stop at this forget MA instead of the held-out level")
     p.add_argument("--el-threshold", type=float, help="stop at this forget EL_10 instead of the held-out level")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--fused-ihl", action="store_true", help="forget IHL from hidden states, no (B, T, V) logits")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards) (ddp)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--out", required=True, help="output directory (an interrupted run there is resumed)")
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")
     p.set_defaults(func=_unlearn)
 
-    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets")
+    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets, lm-eval downstream tasks")
     _add_model_args(p)
-    p.add_argument("--set", action="append", required=True, metavar="NAME=FILE", help="a set to measure (repeat)")
+    p.add_argument("--set", action="append", metavar="NAME=FILE", help="a set to measure (repeat)")
     p.add_argument("--metrics", default="ma,el,ppl", help="comma-separated: ma, el, ppl (all three)")
     p.add_argument("--el-n", type=int, default=10, help="n of EL_n (10)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="also write the results to this JSON file (lm-eval's under the key lm_eval)")
+    p.add_argument("--lm-eval-tasks", metavar="TASKS",
+                   help="comma-separated lm-eval tasks to run too; 'paper': the paper's nine reasoning tasks "
+                   '(needs pip install "fastunlearn[lm-eval]")')  # fmt: skip
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of your own lm-eval task YAMLs "
+                   "(their data_files: absolute paths)")  # fmt: skip
+    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N examples of each task (a check)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="offline demo: a tiny model memorizes data, then FILA + IHL unlearns it")

@@ -108,8 +108,7 @@ def fused_linear_ihl(
     _validate.check_float_tensor("weight", weight, min_dim=2)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
     if weight.shape[0] < 2:
         raise ValueError(f"weight must have at least 2 rows (classes), got {weight.shape[0]}")

@@ -53,6 +53,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import distributed as dist_utils
+
 METRICS = ("ma", "el", "ppl")
 # transformers 5.x renamed past_key_values (forward argument and output field) to cache
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -71,7 +73,8 @@ def _inference(model: nn.Module) -> Iterator[torch.device]:
 
 
 def _progress(iterable, desc: str, **kwargs):
-    return tqdm(iterable, desc=desc, leave=False, disable=None, **kwargs)
+    """A progress bar on a terminal, shown by rank 0 only in a multi-process run."""
+    return tqdm(iterable, desc=desc, leave=False, disable=None if dist_utils.current().is_main else True, **kwargs)
 
 
 def _check_positive(name: str, value, kind=int) -> None:

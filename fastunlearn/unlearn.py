@@ -25,6 +25,18 @@ every epoch: trainable tensors, AdamW state and RNG states in safetensors, the l
 no pickle. Called again with the same arguments on an unmodified copy of the model, an interrupted run
 continues from its last finished epoch and ends as an uninterrupted one would (bit-equal on CPU; on CUDA up
 to nondeterministic kernels). The checkpoint is removed when the run finishes.
+
+**Multi-process** (a ``torch.distributed`` process group is initialized, e.g. under ``torchrun``; every rank
+calls ``unlearn`` with the same arguments and its own copy of the model on its own device): FILA's Fisher
+and low-rank steps are shared out and reduced (``fastunlearn.distributed``); ``parallel="ddp"`` wraps the
+model in ``DistributedDataParallel``, ``"fsdp"`` shards it with FSDP2 ``fully_shard`` (per transformer
+block). Each epoch's micro-batch pairs (the same list in every rank, as one process draws it) go round
+robin to the ranks, so an update is the one a single process would make (up to float rounding). Forget,
+held-out and retain metrics are sharded by sequence and gathered (under FSDP every forward needs every
+rank, so each rank measures every sequence, in lockstep). Rank 0 alone writes files, with the full
+(gathered) state; a checkpoint resumes under any world size that leaves each rank a micro-batch. Resume
+restores rank 0's random state on every rank: bit-equal resumption holds for one process, or without
+dropout.
 """
 
 from __future__ import annotations
@@ -45,12 +57,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _parallel
+from . import distributed as dist_utils
 from .data import SequenceSet, UnlearningData, iterate_batches
 from .export import atomic_directory, save_merged_model, save_peft_adapter
 from .fila import FilaConfig, fila_init
 from .ihl import ihl_loss
+from .integrations.patch import patch_fused_ihl, unpatch_fused_ihl
 from .lora import inject_lora, lora_layers, trainable_parameters
-from .metrics import extraction_likelihood, memorization_accuracy, perplexity
+from .metrics import extraction_likelihood, memorization_accuracy, sequence_nll
 from .objectives import FORGET_LOSSES, ga_loss, retain_loss, shift_causal
 from .report import check_plotting, outcome, remove_stale_temporaries, write_json, write_plot, write_report
 
@@ -97,6 +112,8 @@ class UnlearnConfig:
     fila: dict = field(default_factory=dict)  # params="fila": FilaConfig options (fisher_mode, eps, ...) but rank/alpha
     eval_retain_ppl: bool = False  # measure the retain set's perplexity before, after every epoch and task
     eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
+    parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
+    fused_ihl: bool = False  # forget IHL from the last hidden states: no (B, T, V) logits (transformers LMs)
 
     def __post_init__(self) -> None:
         self.targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
@@ -106,7 +123,8 @@ class UnlearnConfig:
                 f"targets must be a preset name or a non-empty list of layer name patterns, got {self.targets!r}"
             )
         self.betas = tuple(self.betas)
-        for name, choices in (("forget_loss", FORGET_LOSSES), ("params", PARAMS), ("stop", STOPS), ("dtype", DTYPES)):
+        for name, choices in (("forget_loss", FORGET_LOSSES), ("params", PARAMS), ("stop", STOPS), ("dtype", DTYPES),
+                              ("parallel", _parallel.PARALLEL)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
         if not (_is_number(self.retain_weight) and self.retain_weight >= 0):
@@ -134,9 +152,13 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be a number in [0, 1] with stop='threshold', got {value!r}")
             if self.stop == "heldout" and value is not None:
                 raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
-        for name in ("gradient_checkpointing", "eval_retain_ppl"):
+        for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.fused_ihl and self.forget_loss != "ihl":
+            raise ValueError(
+                f"fused_ihl=True computes the IHL term; forget_loss={self.forget_loss!r} has no fused path"
+            )
         if not isinstance(self.fila, dict) or (self.fila and self.params != "fila"):
             raise ValueError(f"fila must be a dict of FILA options, given only with params='fila', got {self.fila!r}")
         unknown = sorted(set(self.fila) - set(FILA_OPTIONS))
@@ -259,14 +281,17 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.Generator, log: dict) -> None:
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Rank 0 writes the full state (every rank must call: under FSDP the state is gathered)."""
+    tensors = {f"param.{n}": t.contiguous() for n, t in _parallel.trainable_state(model).items()}
     for name, layer in lora_layers(model).items():
         if layer.lora_a0 is not None:
             tensors[f"buffer.{name}.lora_a0"] = layer.lora_a0.contiguous()
             tensors[f"buffer.{name}.lora_b0"] = layer.lora_b0.contiguous()
     if optimizer is not None:
-        for index, state in optimizer.state_dict()["state"].items():
+        for index, state in _parallel.optimizer_state(model, optimizer).items():
             tensors.update({f"optim.{index}.{key}": value for key, value in state.items()})
+    if not dist_utils.current().is_main:
+        return
     tensors["rng.torch"], tensors["rng.data"] = torch.get_rng_state(), generator.get_state()
     if torch.cuda.is_initialized():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -292,13 +317,27 @@ def _load_params_and_rng(model: nn.Module, saved: dict, generator: torch.Generat
         torch.cuda.set_rng_state_all([saved[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
 
 
-def _load_optimizer(optimizer, saved: dict) -> None:
+def _load_optimizer(model: nn.Module, optimizer, saved: dict) -> None:
     state: dict[int, dict] = {}
     for key, value in saved.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    _parallel.load_optimizer_state(model, optimizer, state)
+
+
+def _prepare_out_dir_on_all_ranks(out: Path, resume: bool, process) -> tuple[dict | None, dict | None]:
+    """Rank 0 first (it removes stale temporaries), then the others read the same checkpoint; an error on
+    rank 0 is raised on every rank. Resuming on several processes needs out_dir on a shared file system."""
+    first: tuple | None = None
+    error = None
+    if process.is_main:
+        try:
+            first = _prepare_out_dir(out, resume)
+        except (FileExistsError, OSError, ValueError) as exc:
+            error = exc
+    dist_utils.raise_together(error)
+    return first if process.is_main else _prepare_out_dir(out, resume)
 
 
 def _prepare_out_dir(out: Path, resume: bool) -> tuple[dict | None, dict | None]:
@@ -318,24 +357,48 @@ def _prepare_out_dir(out: Path, resume: bool) -> tuple[dict | None, dict | None]
 # ---------------------------------------------------------------------------------------------------------
 # Metrics and the epoch
 # ---------------------------------------------------------------------------------------------------------
+def _per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, model: nn.Module) -> torch.Tensor:
+    """``fn(seqs)`` (N, ...) float64 per sequence. Multi-process, unless the model is FSDP-sharded (its forwards
+    need every rank in lockstep): each rank computes its share of the sequences and every rank gets all rows."""
+    process = dist_utils.current()
+    if not process.distributed or _parallel.is_sharded(model):
+        return fn(seqs)
+    index = torch.tensor(dist_utils.owned(len(seqs), process), dtype=torch.int64)
+    local = fn(seqs[index]) if len(index) else torch.zeros(0, dtype=torch.float64)
+    return dist_utils.gather_rows(local, index, len(seqs))
+
+
 def _measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: float | None = None) -> dict:
     """{"ma", "el"}: mean MA, and mean EL_n unless ``limit`` is given and MA is above it (then None)."""
-    ma = memorization_accuracy(model, seqs.input_ids, seqs.attention_mask, batch_size=cfg.eval_batch_size)
+    batch = cfg.eval_batch_size
+    ma = _per_sequence(
+        lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, batch_size=batch), seqs, model
+    )
     ma = ma.mean().item()
     if limit is not None and ma > limit:
         return {"ma": ma, "el": None}
-    el = extraction_likelihood(
-        model, seqs.input_ids, cfg.el_n, attention_mask=seqs.attention_mask, batch_size=cfg.eval_batch_size
+    el = _per_sequence(
+        lambda s: extraction_likelihood(
+            model, s.input_ids, cfg.el_n, attention_mask=s.attention_mask, batch_size=batch
+        ),
+        seqs,
+        model,
     )
-    el = el.mean().item()
-    return {"ma": ma, "el": el}
+    return {"ma": ma, "el": el.mean().item()}
 
 
 def _retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig) -> float | None:
+    """Token-weighted perplexity of the retain set (padding removed)."""
     if not cfg.eval_retain_ppl:
         return None
-    rows = [ids[: int(mask.sum())] for ids, mask in zip(retain.input_ids, retain.attention_mask)]
-    return perplexity(model, rows, batch_size=cfg.eval_batch_size)
+
+    def nll_and_count(seqs: SequenceSet) -> torch.Tensor:  # (n, 2) float64
+        rows = [ids[: int(mask.sum())] for ids, mask in zip(seqs.input_ids, seqs.attention_mask)]
+        nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size)
+        return torch.stack([nll, count.double()], dim=1)
+
+    nll, count = _per_sequence(nll_and_count, retain, model).sum(0).tolist()
+    return math.exp(nll / count)
 
 
 def _met(metrics: dict, criterion: dict) -> bool:
@@ -346,37 +409,72 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _train_epoch(model, optimizer, params, forget, retain, cfg: UnlearnConfig, generator, device) -> dict:
-    """Accumulate the whole forget set's gradient over micro-batches, then make ONE update (unless not finite)."""
+def _epoch_pairs(forget, retain, cfg: UnlearnConfig, generator) -> list[tuple[dict, dict | None]]:
+    """(forget micro-batch, retain micro-batch or None) pairs of one epoch: the same list on every rank."""
     f_batches = list(iterate_batches(forget, cfg.micro_batch_size, shuffle=True, generator=generator))
     r_batches = []
     if retain is not None and cfg.retain_weight > 0:
         r_batches = list(iterate_batches(retain, cfg.micro_batch_size, shuffle=True, generator=generator))
     pairs = [(f, r_batches[i % len(r_batches)] if r_batches else None) for i, f in enumerate(f_batches)]
+    process = dist_utils.current()
+    if len(pairs) < process.world_size:
+        raise ValueError(
+            f"the forget set gives {len(pairs)} micro-batches of micro_batch_size={cfg.micro_batch_size}, fewer "
+            f"than the {process.world_size} processes: lower micro_batch_size so that every rank gets one"
+        )
+    return pairs
+
+
+def _reduce_summary(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums added over the ranks, and the max of ``extremes`` (negate to get a min)."""
+    if dist_utils.current().distributed:
+        sums, extremes = sums.to(dist_utils.comm_device()), extremes.to(dist_utils.comm_device())
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    return sums, extremes
+
+
+def _train_epoch(train_model, optimizer, params, forget, retain, cfg: UnlearnConfig, generator, device) -> dict:
+    """Accumulate the whole forget set's gradient over micro-batches, then make ONE update (unless not finite).
+    Multi-process: rank r runs pairs r, r + world_size, ...; its last backward reduces the gradients."""
+    pairs = _epoch_pairs(forget, retain, cfg, generator)
     n_forget = sum(_n_targets(f["attention_mask"]) for f, _ in pairs)
     n_retain = sum(_n_targets(r["attention_mask"]) for _, r in pairs if r is not None)
+    process = dist_utils.current()
+    mine = pairs[process.rank :: process.world_size]
+    scale = process.world_size  # DDP / FSDP average the ranks' gradients; the update needs their sum
     forget_fn = ihl_loss if cfg.forget_loss == "ihl" else ga_loss
     optimizer.zero_grad(set_to_none=True)
-    model.train()
+    train_model.train()
     f_sums, r_sums, f_means = [], [], []  # stay on the device: no host sync inside the loop
-    for f, r in tqdm(pairs, desc="micro-batches", leave=False, disable=None):
+    progress = tqdm(mine, desc="micro-batches", leave=False, disable=None if process.is_main else True)
+    for i, (f, r) in enumerate(progress):
         n = _n_targets(f["attention_mask"])  # counted on the CPU copy: no sync
-        f = {k: v.to(device) for k, v in f.items()}
-        f_sum = forget_fn(*shift_causal(model(**f, use_cache=False).logits, **f), reduction="sum")
-        loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget targets
-        if r is not None:
-            r = {k: v.to(device) for k, v in r.items()}
-            r_sum = retain_loss(*shift_causal(model(**r, use_cache=False).logits, **r), reduction="sum")
-            loss = loss + cfg.retain_weight * r_sum / n_retain
-            r_sums.append(r_sum.detach())
-        loss.backward()
+        with _parallel.gradient_sync(train_model, enabled=i == len(mine) - 1):
+            f = {k: v.to(device) for k, v in f.items()}
+            if cfg.fused_ihl:  # patched forward (fastunlearn.integrations.patch): IHL without the logits
+                f_sum = train_model(**f, ihl=True, reduction="sum").loss
+            else:
+                f_sum = forget_fn(*shift_causal(train_model(**f, use_cache=False).logits, **f), reduction="sum")
+            loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget targets
+            if r is not None:
+                r = {k: v.to(device) for k, v in r.items()}
+                r_sum = retain_loss(*shift_causal(train_model(**r, use_cache=False).logits, **r), reduction="sum")
+                loss = loss + cfg.retain_weight * r_sum / n_retain
+                r_sums.append(r_sum.detach())
+            (loss * scale).backward()
         f_sums.append(f_sum.detach())
         if n:
             f_means.append(f_sum.detach() / n)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = _parallel.total_norm([p.grad for p in params if p.grad is not None])
     means = torch.stack(f_means)
-    retain_mean = torch.stack(r_sums).sum() / n_retain if r_sums else torch.zeros((), device=device)
-    summary = torch.stack([torch.stack(f_sums).sum() / n_forget, means.min(), means.max(), retain_mean, grad_norm])
+    retain_sum = torch.stack(r_sums).sum() if r_sums else torch.zeros((), device=device)
+    sums, extremes = _reduce_summary(
+        torch.stack([torch.stack(f_sums).sum(), retain_sum]), torch.stack([-means.min(), means.max()])
+    )
+    summary = torch.stack(
+        [sums[0] / n_forget, -extremes[0], extremes[1], sums[1] / max(n_retain, 1), grad_norm.to(sums.device)]
+    )
     forget_loss, low, high, retain_value, norm = summary.tolist()  # host sync: once per epoch
     finite = all(math.isfinite(v) for v in (forget_loss, retain_value, norm))
     if finite:
@@ -384,7 +482,7 @@ def _train_epoch(model, optimizer, params, forget, retain, cfg: UnlearnConfig, g
     optimizer.zero_grad(set_to_none=True)  # frees the gradients while evaluating
     return {
         "forget_loss": _finite(forget_loss),  # mean forget term over the epoch's forget targets, before the update
-        "retain_loss": _finite(retain_value) if r_sums else None,
+        "retain_loss": _finite(retain_value) if n_retain else None,
         "forget_loss_range": [_finite(low), _finite(high)],  # min, max of the micro-batches' mean forget term
         "grad_norm": _finite(norm),
         "updated": finite,
@@ -460,7 +558,13 @@ def _stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:
 
 
 def _export(model: nn.Module, cfg: UnlearnConfig, out: Path, tokenizer) -> dict[str, str]:
-    """adapter/ (PEFT, for the unmodified base model) and merged/ (a plain transformers model + tokenizer)."""
+    """adapter/ (PEFT, for the unmodified base model) and merged/ (a plain transformers model + tokenizer),
+    written by rank 0 (from a CPU copy of the full weights under FSDP; every rank must call)."""
+    if _parallel.is_sharded(model):
+        model = _parallel.cpu_replica(model)
+    outputs = {"merged": "merged", "report": "report.md", "plot": "metrics.png"}
+    if not dist_utils.current().is_main:
+        return outputs
     outputs = {}
     if cfg.params != "full":
         save_peft_adapter(model, out / "adapter", overwrite=True)
@@ -496,12 +600,14 @@ def unlearn(
     """
     if not isinstance(config, UnlearnConfig):
         raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
-    cfg, out = config, Path(out_dir)
+    cfg, out, process = config, Path(out_dir), dist_utils.current()
     tasks, retain, heldout = _check_data(data, cfg)
     check_plotting()
-    saved, log = _prepare_out_dir(out, resume)
+    saved, log = _prepare_out_dir_on_all_ranks(out, resume, process)
     if log is not None:
         _check_resume(log, cfg, tasks, retain, heldout)
+    info = logger.info if process.is_main else lambda *args: None
+    write = write_json if process.is_main else lambda *args: None
     session_start = clock = time.perf_counter()
     done_before = 0.0 if log is None else log["timings"]["total_s"]
 
@@ -521,7 +627,6 @@ def unlearn(
     _setup_params(model, cfg, tasks[0], retain, saved)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     ckpt = out / "checkpoint"
     if saved is None:
         log = _new_log(model, cfg, tasks, retain, heldout, device)
@@ -533,11 +638,15 @@ def unlearn(
         _load_params_and_rng(model, saved, generator)
         log["resumes"] += 1
         lap("setup_s")
-    write_json(out / "log.json", log)
-    crit, info = log["criterion"], log["model"]
-    logger.info(
+    write(out / "log.json", log)
+    if cfg.fused_ihl:
+        patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
+    train_model = _parallel.wrap(model, cfg.parallel, device)  # the model itself in one process
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in its shards
+    crit, counts = log["criterion"], log["model"]
+    info(
         "params=%s: %d of %d parameters trainable (%.3f%%), lr %g | criterion (%s): forget MA <= %s, EL_%d <= %s%s",
-        cfg.params, info["trainable_params"], info["total_params"], info["trainable_percent"], cfg.learning_rate,
+        cfg.params, counts["trainable_params"], counts["total_params"], counts["trainable_percent"], cfg.learning_rate,
         cfg.stop, _fmt(crit["ma"]), cfg.el_n, _fmt(crit["el"]), " | resumed from the checkpoint" if saved else "",
     )  # fmt: skip
 
@@ -552,10 +661,10 @@ def unlearn(
         task = log["tasks"][k]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
         if saved is not None and k == running:
-            _load_optimizer(optimizer, saved)
+            _load_optimizer(model, optimizer, saved)
         while task["stop_reason"] is None:
             record = {"epoch": len(task["epochs"]) + 1}
-            record.update(_train_epoch(model, optimizer, params, forget, retain, cfg, generator, device))
+            record.update(_train_epoch(train_model, optimizer, params, forget, retain, cfg, generator, device))
             record["train_s"] = lap("train_s")
             metrics = _measure(model, forget, cfg, limit=crit["ma"])  # EL only once MA meets its limit
             record.update(forget_ma=metrics["ma"], forget_el=metrics["el"], retain_ppl=_retain_ppl(model, retain, cfg))
@@ -565,7 +674,7 @@ def unlearn(
             task["stop_reason"] = _stop_reason(record, cfg)
             if task["stop_reason"] is not None:
                 task["success"] = task["stop_reason"].startswith("criterion met")
-            logger.info(
+            info(
                 "%s epoch %d/%d: loss forget %s retain %s | forget MA %s EL_%d %s | criterion %s | %.1f s%s",
                 _set_name(k, len(tasks)), record["epoch"], cfg.max_epochs, _fmt(record["forget_loss"]),
                 _fmt(record["retain_loss"]), _fmt(record["forget_ma"]), cfg.el_n, _fmt(record["forget_el"]),
@@ -573,7 +682,7 @@ def unlearn(
                 f" -> {task['stop_reason']}" if task["stop_reason"] else "",
             )  # fmt: skip
             _save_checkpoint(ckpt, model, optimizer, generator, log)
-            write_json(out / "log.json", log)
+            write(out / "log.json", log)
             if on_epoch_end is not None:
                 on_epoch_end(k, record)
         # every set so far (a later task may undo one); the last epoch already measured this task's set and
@@ -588,7 +697,7 @@ def unlearn(
             "retain_ppl": last["retain_ppl"],
         }
         lap("eval_s")
-        write_json(out / "log.json", log)
+        write(out / "log.json", log)
 
     # ---- outputs; the checkpoint goes last, so an interruption before here resumes and finishes
     final = log["tasks"][-1]["after"]["forget"]
@@ -596,10 +705,13 @@ def unlearn(
     log["outputs"] = _export(model, cfg, out, tokenizer)
     lap("export_s")
     log["status"] = "finished"
-    write_report(out / "report.md", log)
-    write_plot(out / "metrics.png", log)
-    write_json(out / "log.json", log)
-    shutil.rmtree(ckpt)
+    if process.is_main:
+        write_report(out / "report.md", log)
+        write_plot(out / "metrics.png", log)
+        write_json(out / "log.json", log)
+        shutil.rmtree(ckpt)
+    dist_utils.barrier()  # every rank returns once the outputs are complete
+    unpatch_fused_ihl(model)
     model.train(was_training)
-    logger.info("%s: %s; outputs in %s", "SUCCESS" if log["success"] else "FAILURE", outcome(log), out)
+    info("%s: %s; outputs in %s", "SUCCESS" if log["success"] else "FAILURE", outcome(log), out)
     return UnlearnResult(model, log["success"], log, out)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
+import torch
 from tiny_models import tiny_model
 
 from fastunlearn import cli
@@ -52,6 +56,38 @@ def test_unlearn_then_eval(workspace, capsys):
     results = json.loads((workspace / "eval.json").read_text())
     assert set(results) == {"forget", "heldout"} and set(results["forget"]) == {"ma", "el", "ppl"}
     assert 0.0 <= results["forget"]["ma"] <= 1.0 and results["forget"]["ppl"] > 1.0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_unlearn_under_torchrun_with_two_processes_matches_one(workspace):
+    """The README's multi-GPU command, on the CPU: torchrun starts 2 processes (gloo), rank 0 writes."""
+    common = [
+        "unlearn", "--model", str(workspace / "model"), "--forget", str(workspace / "forget.txt"),
+        "--retain", str(workspace / "retain.txt"), "--heldout", str(workspace / "heldout.txt"), "--params", "fila",
+        "--rank", "2", "--max-epochs", "2", "--min-epochs", "2", "--seq-len", "12", "--micro-batch-size", "2",
+        "--parallel", "fsdp",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "fastunlearn",
+    ]
+    done = subprocess.run([*launch, *common, "--out", str(workspace / "run2")], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    assert done.stdout.count("report in") == 1  # printed by rank 0 only
+    assert cli.main([*common, "--out", str(workspace / "run1")]) in (0, 1)
+    two, one = (json.loads((workspace / run / "log.json").read_text()) for run in ("run2", "run1"))
+    assert two["baseline"] == one["baseline"]
+    for a, b in zip(two["tasks"][0]["epochs"], one["tasks"][0]["epochs"], strict=True):
+        assert (a["forget_ma"], a["forget_el"]) == (b["forget_ma"], b["forget_el"])
+        assert a["forget_loss"] == pytest.approx(b["forget_loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize(

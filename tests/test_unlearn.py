@@ -192,6 +192,22 @@ def test_accumulated_gradient_is_the_full_batch_gradient(memorized, tmp_path):
     assert first[0.0, 1]["grad_norm"] != pytest.approx(first[1.0, 1]["grad_norm"], rel=1e-3)  # retain term counts
 
 
+def test_fused_ihl_run_equals_the_unfused_one_without_calling_the_lm_head_on_forget_batches(memorized, tmp_path):
+    runs, head_calls = {}, []
+    for fused in (False, True):
+        model = copy.deepcopy(memorized[0])
+        model.lm_head.register_forward_hook(
+            lambda module, args, out: head_calls.append(fused) if module.training else None
+        )
+        runs[fused] = run(memorized, tmp_path / f"fused{fused}", model=model, params="lora", fused_ihl=fused,
+                          max_epochs=3, config=NEVER)  # fmt: skip
+        assert "forward" not in vars(model)  # unpatched at the end
+    assert head_calls.count(True) == head_calls.count(False) // 2  # fused: only the retain forwards call the head
+    for a, b in zip(runs[False].log["tasks"][0]["epochs"], runs[True].log["tasks"][0]["epochs"], strict=True):
+        for key in ("forget_loss", "retain_loss", "grad_norm", "forget_ma"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
 def test_non_finite_loss_stops_without_an_update(memorized, tmp_path):
     model = copy.deepcopy(memorized[0])
     model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan") if module.training else out)
@@ -307,6 +323,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(continual, memorize
         ({"fila": {"rank": 8}}, r"fila has unknown options \['rank'\]"),
         ({"params": "lora", "fila": {"eps": 1e-3}}, "given only with params='fila'"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing must be a bool"),
+        ({"parallel": "zero3"}, r"parallel must be one of \('ddp', 'fsdp'\), got 'zero3'"),
+        ({"forget_loss": "ga", "fused_ihl": True}, "forget_loss='ga' has no fused path"),
     ],
 )
 def test_config_validation(overrides, match):

@@ -1,0 +1,160 @@
+"""Multi-process cases for tests/test_distributed.py: each runs in every rank of a process group spawned by
+:func:`spawn` and returns rank 0's result, so a test compares it with the same case run in the test's own
+process, where no process group exists (a one-process run).
+
+Device: the CPU with ``gloo`` (one thread per process) unless FASTUNLEARN_TEST_DIST_DEVICE=cuda, then one
+GPU per rank with ``nccl`` (benchmarks/gpu_check.sh does that on a machine with 2+ GPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from tiny_models import VOCAB, tiny_model
+
+from fastunlearn import distributed as dist_utils
+from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.fila import fila_init
+from fastunlearn.fisher import empirical_fisher
+from fastunlearn.lowrank import weighted_lowrank_grouped
+from fastunlearn.unlearn import UnlearnConfig, unlearn
+
+DEVICE = os.environ.get("FASTUNLEARN_TEST_DIST_DEVICE", "cpu")
+
+
+def device() -> torch.device:
+    """This rank's device (cuda:rank on GPUs; the one-process run uses cuda:0)."""
+    return torch.device("cuda", dist_utils.current().rank) if DEVICE == "cuda" else torch.device("cpu")
+
+
+def token_data(n: int, seed: int, pad: bool = True) -> dict[str, torch.Tensor]:
+    """(n, 12) token ids; with ``pad``, every third sequence right-padded after 7 tokens."""
+    ids = torch.randint(0, VOCAB, (n, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[::3, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cases: (work dir, **options) -> name -> tensor (rank 0's return value is the result)
+# ---------------------------------------------------------------------------------------------------------
+def fisher_case(work: Path, mode: str, own_shards: bool) -> dict[str, torch.Tensor]:
+    """Fisher of a float64 tiny GPT-Neo on 10 sequences in batches of 3 (4 batches: uneven over 2 ranks).
+    ``own_shards``: each rank passes its own batches as an iterable instead of the whole tensor."""
+    model = tiny_model("gpt_neo").double().to(device())
+    data = token_data(10, seed=3)
+    if own_shards:
+        process = dist_utils.current()
+        starts = range(0, 10, 3)
+        data = [{k: v[s : s + 3] for k, v in data.items()} for s in starts]
+        data = [data[i] for i in dist_utils.owned(len(data), process)]
+    result = empirical_fisher(model, data, "preset", mode=mode, batch_size=3, progress=False)
+    counts = torch.tensor([result.n_examples, result.n_tokens])
+    return {**{k: v.cpu() for k, v in result.fisher.items()}, "counts": counts}
+
+
+def lowrank_case(work: Path) -> dict[str, torch.Tensor]:
+    """Seven layers of three shapes, factored at rank 4."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(24, 16), (24, 16), (16, 40), (24, 16), (16, 40), (32, 8), (24, 16)]
+    weights = {f"layer{k}": torch.randn(shape, generator=gen).to(device()) for k, shape in enumerate(shapes)}
+    rows = {name: torch.rand(W.shape[0], generator=gen).to(device()) for name, W in weights.items()}
+    result = weighted_lowrank_grouped(weights, rows, 4, max_batch_bytes=2 * 24 * 16 * 4, progress=False)
+    return {f"{name}.{part}": t.cpu() for name, low in result.items() for part, t in zip("USV", low)}
+
+
+def fila_case(work: Path) -> dict[str, torch.Tensor]:
+    """FILA adapters of a float64 tiny GPT-Neo (forget 6, retain 10 sequences)."""
+    model = tiny_model("gpt_neo").double().to(device())
+    fila_init(model, token_data(6, seed=7), token_data(10, seed=8), "preset", rank=4, alpha=8.0, batch_size=4)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora" in k or "base.weight" in k}
+
+
+def unlearn_case(work: Path, config: dict, interrupt_at: int | None = None) -> dict[str, torch.Tensor]:
+    """An unlearning run of the memorizer saved in ``work``; rank 0 returns its log (as JSON bytes) and
+    the merged model it wrote. ``interrupt_at``: stop the run by an error after that epoch (checkpoint kept)."""
+    model = _load_model(work).to(device())
+    sets = {k: SequenceSet(v, torch.ones_like(v), torch.arange(len(v))) for k, v in load_file(work / "data.st").items()}
+    data = UnlearningData(sets["forget"], sets["retain"], sets["heldout"])
+
+    def interrupt(task: int, record: dict) -> None:
+        if record["epoch"] == interrupt_at:
+            raise KeyboardInterrupt
+
+    try:
+        result = unlearn(model, data, UnlearnConfig(**config), work / "run", on_epoch_end=interrupt)
+    except KeyboardInterrupt:
+        return {"interrupted": torch.ones(1)}
+    if not dist_utils.current().is_main:
+        return {}
+    log = torch.frombuffer(bytearray(json.dumps(result.log).encode()), dtype=torch.uint8)
+    return {"log": log, **load_file(work / "run" / "merged" / "model.safetensors")}  # written by rank 0
+
+
+def _load_model(work: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(work / "model")
+
+
+def numerics_case(work: Path) -> dict[str, torch.Tensor]:
+    """Every Fisher variant, the low-rank factors and FILA's adapters in one go (a spawn costs seconds)."""
+    results = {}
+    for mode in ("per_example", "per_batch"):
+        for own_shards in (False, True):
+            fisher = fisher_case(work, mode, own_shards)
+            results.update({f"fisher.{mode}.{own_shards}.{k}": v for k, v in fisher.items()})
+    results.update({f"lowrank.{k}": v for k, v in lowrank_case(work).items()})
+    results.update({f"fila.{k}": v for k, v in fila_case(work).items()})
+    return results
+
+
+CASES = {"numerics": numerics_case, "unlearn": unlearn_case}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spawning
+# ---------------------------------------------------------------------------------------------------------
+def _entry(rank: int, world_size: int, case: str, work: str, options: dict) -> None:
+    work_dir = Path(work)
+    try:
+        torch.set_num_threads(1)
+        if DEVICE == "cuda":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            "nccl" if DEVICE == "cuda" else "gloo",
+            init_method=f"file://{work_dir / 'rendezvous'}", rank=rank, world_size=world_size,
+        )  # fmt: skip
+        result = CASES[case](work_dir, **options)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in result.items()}, str(work_dir / "result.st"))
+        dist.destroy_process_group()
+    except BaseException:
+        (work_dir / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def spawn(case: str, work: Path, world_size: int = 2, **options) -> dict[str, torch.Tensor]:
+    """Run CASES[case] in ``world_size`` fresh processes; rank 0's result (an error's traceback is re-raised)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "rendezvous").unlink(missing_ok=True)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the children, as in the test process
+    try:
+        mp.spawn(_entry, args=(world_size, case, str(work), options), nprocs=world_size)
+    except mp.ProcessRaisedException as exc:
+        errors = "\n".join(p.read_text() for p in sorted(work.glob("error*.txt")))
+        raise AssertionError(f"case {case!r} failed in a child process:\n{errors or exc}") from None
+    return load_file(work / "result.st")
+
+
+def run_here(case: str, work: Path, **options) -> dict[str, torch.Tensor]:
+    """The same case in this process, without a process group: the one-process result."""
+    assert not dist.is_initialized()
+    return CASES[case](work, **options)
