@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes into OUT_DIR: build.log, tests_cuda.log, tests.log, sweep.json, bench.json, targets.json, bench.log
+# Writes into OUT_DIR: build.log, tests_cuda.log (+ the 2-GPU run of tests/test_distributed.py when the
+# machine has 2+ GPUs; otherwise the console says it could not run), tests.log, sweep.json, bench.json, targets.json, bench.log
 # (at most 8 files come back from the lent GPU machine: tee the console into the eighth).
 # About 6-7 minutes on one H200 (4 min when it held only the IHL benchmarks; the Fisher, low-rank and LoRA
 # benchmarks have not run on a GPU yet): give the run a 9-minute limit. Each step runs even if an earlier one failed;
@@ -28,6 +29,12 @@ step import $PY -c 'import fastunlearn as f; print("csrc", f.has_csrc(), "triton
 pytest_to() { local log=$1; shift; $PY -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/$log" | tail -25; return "${PIPESTATUS[0]}"; }
 step cuda-tests pytest_to tests_cuda.log tests/test_cuda.py
 step all-tests pytest_to tests.log tests --ignore=tests/test_cuda.py
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ]; then  # DDP / FSDP2 / Fisher / FILA over NCCL, two processes against one (appended)
+  step two-gpus bash -c "FASTUNLEARN_TEST_DIST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -rs tests/test_distributed.py 2>&1 | tee -a '$OUT/tests_cuda.log' | tail -15; exit \${PIPESTATUS[0]}"
+else
+  echo "=== two-gpus: NOT RUN - this machine has $gpus GPU(s); the two-process run needs 2 (the CPU/gloo two-process tests ran above)"
+fi
 if grep -q "Fatal Python error" "$OUT/tests.log"; then  # a crash in native code: show where
   step crash-backtrace timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY -m pytest -x -q -p no:cacheprovider \
     "$(grep -o 'tests/[a-z_]*\.py' "$OUT/tests.log" | tail -1)"
