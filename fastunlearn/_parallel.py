@@ -75,6 +75,43 @@ def gradient_sync(train_model: nn.Module, enabled: bool) -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def lockstep(model: nn.Module) -> Iterator[None]:
+    """Let each rank make its own number of forward calls of an FSDP-sharded ``model`` (no-op otherwise).
+
+    Every FSDP forward all-gathers parameters, so all ranks must call it equally often. Within the block,
+    each forward call is announced by an all-reduce of 1; after the block, a rank answers each announcement
+    of the others with an all-reduce of 0 and a 2-token forward whose output it drops, until a round where no
+    rank announces one. Every round is one all-reduce and one forward on every rank, in the same order (the
+    hook runs before FSDP's own), so sharded evaluation (MA, EL's data-dependent decoding) cannot deadlock.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    draining = False
+    flag = torch.zeros(1, device=dist_utils.comm_device())
+
+    def announce(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not draining:
+            flag.fill_(1)
+            torch.distributed.all_reduce(flag)
+
+    handle = model.register_forward_pre_hook(announce, prepend=True, with_kwargs=True)
+    try:
+        yield
+        draining = True
+        dummy = torch.zeros((1, 2), dtype=torch.int64, device=next(model.parameters()).device)
+        with torch.no_grad():
+            while True:
+                flag.zero_()
+                torch.distributed.all_reduce(flag)
+                if not flag.item():
+                    break
+                model(input_ids=dummy, use_cache=False)
+    finally:
+        handle.remove()
+
+
 def total_norm(grads: list[Tensor]) -> Tensor:
     """The 2-norm of all gradients over every shard."""
     norm = torch.nn.utils.get_total_norm(grads)

@@ -32,8 +32,8 @@ and low-rank steps are shared out and reduced (``fastunlearn.distributed``); ``p
 model in ``DistributedDataParallel``, ``"fsdp"`` shards it with FSDP2 ``fully_shard`` (per transformer
 block). Each epoch's micro-batch pairs (the same list in every rank, as one process draws it) go round
 robin to the ranks, so an update is the one a single process would make (up to float rounding). Forget,
-held-out and retain metrics are sharded by sequence and gathered (under FSDP every forward needs every
-rank, so each rank measures every sequence, in lockstep). Rank 0 alone writes files, with the full
+held-out and retain metrics are sharded by sequence and gathered (under FSDP, whose forwards need every
+rank, in lockstep: ``_parallel.lockstep``). Rank 0 alone writes files, with the full
 (gathered) state; a checkpoint resumes under any world size that leaves each rank a micro-batch. Resume
 restores rank 0's random state on every rank: bit-equal resumption holds for one process, or without
 dropout.
@@ -358,13 +358,14 @@ def _prepare_out_dir(out: Path, resume: bool) -> tuple[dict | None, dict | None]
 # Metrics and the epoch
 # ---------------------------------------------------------------------------------------------------------
 def _per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, model: nn.Module) -> torch.Tensor:
-    """``fn(seqs)`` (N, ...) float64 per sequence. Multi-process, unless the model is FSDP-sharded (its forwards
-    need every rank in lockstep): each rank computes its share of the sequences and every rank gets all rows."""
+    """``fn(seqs)`` (N, ...) float64 per sequence. Multi-process: each rank computes its share of the sequences
+    (under FSDP in lockstep, see ``_parallel.lockstep``) and every rank gets all rows."""
     process = dist_utils.current()
-    if not process.distributed or _parallel.is_sharded(model):
+    if not process.distributed:
         return fn(seqs)
     index = torch.tensor(dist_utils.owned(len(seqs), process), dtype=torch.int64)
-    local = fn(seqs[index]) if len(index) else torch.zeros(0, dtype=torch.float64)
+    with _parallel.lockstep(model):
+        local = fn(seqs[index]) if len(index) else torch.zeros(0, dtype=torch.float64)
     return dist_utils.gather_rows(local, index, len(seqs))
 
 

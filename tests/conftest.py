@@ -28,7 +28,6 @@ IMPL_PARAMS = [
 ]
 
 
-
 @pytest.fixture
 def force_impl():
     """force_impl(name) -> context manager forcing that backend."""

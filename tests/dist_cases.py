@@ -7,6 +7,7 @@ GPU per rank with ``nccl`` (benchmarks/gpu_check.sh does that on a machine with 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import traceback
@@ -98,6 +99,28 @@ def unlearn_case(work: Path, config: dict, interrupt_at: int | None = None) -> d
     return {"log": log, **load_file(work / "run" / "merged" / "model.safetensors")}  # written by rank 0
 
 
+def lockstep_case(work: Path) -> dict[str, torch.Tensor]:
+    """Rank r makes r + 1 forward calls of an FSDP-sharded tiny GPT-Neo inside ``lockstep`` (one process:
+    both ranks' calls, unsharded); returns the logits of every call, in (rank, call) order."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastunlearn import _parallel
+
+    model = tiny_model("gpt_neo").to(device())
+    process = dist_utils.current()
+    calls = {(rank, k): token_data(2, seed=10 * rank + k)["input_ids"] for rank in range(2) for k in range(rank + 1)}
+    if process.distributed:
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    mine = [key for key in calls if key[0] == process.rank or not process.distributed]
+    with torch.no_grad(), _parallel.lockstep(model):
+        logits = {key: model(input_ids=calls[key].to(device())).logits.cpu() for key in mine}
+    rows = torch.stack([logits.get(key, torch.zeros(2, 12, VOCAB)) for key in calls])  # (calls, 2, 12, V)
+    index = torch.tensor([i for i, key in enumerate(calls) if key in logits])
+    return {"logits": dist_utils.gather_rows(rows[index], index, len(calls))}
+
+
 def _load_model(work: Path):
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +139,7 @@ def numerics_case(work: Path) -> dict[str, torch.Tensor]:
     return results
 
 
-CASES = {"numerics": numerics_case, "unlearn": unlearn_case}
+CASES = {"numerics": numerics_case, "unlearn": unlearn_case, "lockstep": lockstep_case}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,8 +152,8 @@ def _entry(rank: int, world_size: int, case: str, work: str, options: dict) -> N
         if DEVICE == "cuda":
             torch.cuda.set_device(rank)
         dist.init_process_group(
-            "nccl" if DEVICE == "cuda" else "gloo",
-            init_method=f"file://{work_dir / 'rendezvous'}", rank=rank, world_size=world_size,
+            "nccl" if DEVICE == "cuda" else "gloo", init_method=f"file://{work_dir / 'rendezvous'}", rank=rank,
+            world_size=world_size, timeout=datetime.timedelta(seconds=120),  # a hang becomes an error
         )  # fmt: skip
         result = CASES[case](work_dir, **options)
         if rank == 0:

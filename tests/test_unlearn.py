@@ -197,7 +197,7 @@ def test_fused_ihl_run_equals_the_unfused_one_without_calling_the_lm_head_on_for
     for fused in (False, True):
         model = copy.deepcopy(memorized[0])
         model.lm_head.register_forward_hook(
-            lambda module, args, out: head_calls.append(fused) if module.training else None
+            lambda module, args, out, fused=fused: head_calls.append(fused) if module.training else None
         )
         runs[fused] = run(memorized, tmp_path / f"fused{fused}", model=model, params="lora", fused_ihl=fused,
                           max_epochs=3, config=NEVER)  # fmt: skip
