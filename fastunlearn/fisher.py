@@ -23,12 +23,13 @@ float64 model).
 Summation: each batch's contribution is computed into a scratch tensor, then added to a running sum with
 its rounding error kept apart (TwoSum; one extra F-sized buffer). The result is the sum of the batches'
 contributions rounded once, whatever order or grouping they were added in, so a run split over processes
-gives the same bits as a one-process run (up to a rounding tie, about n_batches x 2^-53 per element for
-float64: never seen in practice). Multi-process (a ``torch.distributed`` process group is initialized):
-data given as a tensor or dict is split into batches and rank r takes batches r, r + world_size, ...; an
-iterable of batches is taken as this rank's own share (e.g. from a ``DistributedSampler``). Every rank then
-gathers the others' (sum, error) pairs, adds them in rank order the same way, and all-reduces the counts:
-every rank returns the same result. ``distributed=False`` keeps a rank's result to itself.
+gives the same bits as a one-process run (unless the exact sum lies within about n_batches x 2^-53 of
+a rounding tie: never seen in practice). Multi-process (a ``torch.distributed`` process group is
+initialized): data given as a tensor or dict is split into batches and rank r takes batches r,
+r + world_size, ...; an iterable of batches is taken as this rank's own share (e.g. from a
+``DistributedSampler``). The ranks' sums are then added (float32: one float64 all-reduce of sum + error;
+float64: the (sum, error) pairs are gathered and added with TwoSum in rank order) and the counts
+all-reduced: every rank returns the same result. ``distributed=False`` keeps a rank's result to itself.
 """
 
 from __future__ import annotations
@@ -215,10 +216,19 @@ def _two_sum_(total: Tensor, error: Tensor, term: Tensor) -> None:
 
 
 def _reduce_compensated(total: Tensor, error: Tensor, reduce: bool) -> Tensor:
-    """Every rank's (total, error) added in rank order, then rounded once: the same on every rank."""
+    """total + error, summed over the ranks when ``reduce``, rounded once; the same on every rank.
+
+    float32: sum + error of each rank is (nearly) exact in float64, so ONE float64 all-reduce adds the ranks'
+    parts with an error far below float32's resolution before the single rounding. float64: every rank's
+    (sum, error) pair is gathered and the pairs are added in rank order with TwoSum, then rounded once.
+    """
     if not reduce:
         return total.add_(error)
     device = dist_utils.comm_device()
+    if total.dtype == torch.float32:
+        wide = total.to(device, torch.float64).add_(error.to(device, torch.float64))
+        torch.distributed.all_reduce(wide)
+        return total.copy_(wide)
     pairs = torch.stack([total, error]).to(device)  # (2, *shape)
     gathered = [torch.empty_like(pairs) for _ in range(dist_utils.current().world_size)]
     torch.distributed.all_gather(gathered, pairs)

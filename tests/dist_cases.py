@@ -46,10 +46,10 @@ def token_data(n: int, seed: int, pad: bool = True) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 # Cases: (work dir, **options) -> name -> tensor (rank 0's return value is the result)
 # ---------------------------------------------------------------------------------------------------------
-def fisher_case(work: Path, mode: str, own_shards: bool) -> dict[str, torch.Tensor]:
-    """Fisher of a float64 tiny GPT-Neo on 10 sequences in batches of 3 (4 batches: uneven over 2 ranks).
+def fisher_case(work: Path, mode: str, own_shards: bool, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """Fisher of a tiny GPT-Neo on 10 sequences in batches of 3 (4 batches: uneven over 2 ranks).
     ``own_shards``: each rank passes its own batches as an iterable instead of the whole tensor."""
-    model = tiny_model("gpt_neo").double().to(device())
+    model = tiny_model("gpt_neo").to(device(), dtype)
     data = token_data(10, seed=3)
     if own_shards:
         process = dist_utils.current()
@@ -134,6 +134,7 @@ def numerics_case(work: Path) -> dict[str, torch.Tensor]:
         for own_shards in (False, True):
             fisher = fisher_case(work, mode, own_shards)
             results.update({f"fisher.{mode}.{own_shards}.{k}": v for k, v in fisher.items()})
+        results.update({f"fisher32.{mode}.{k}": v for k, v in fisher_case(work, mode, False, torch.float32).items()})
     results.update({f"lowrank.{k}": v for k, v in lowrank_case(work).items()})
     results.update({f"fila.{k}": v for k, v in fila_case(work).items()})
     return results

@@ -54,6 +54,15 @@ def test_fisher_two_processes_bit_for_bit(numerics, mode, own_shards):
     assert_equal(_part(two, f"fisher.{mode}.{own_shards}."), expected)
 
 
+@pytest.mark.parametrize("mode", ["per_example", "per_batch"])
+def test_float32_fisher_two_processes_bit_for_bit(numerics, mode):
+    """float32 Fisher: one float64 all-reduce of each rank's sum + error, rounded once (the one-process bits)."""
+    two, one = numerics
+    expected = _part(one, f"fisher32.{mode}.")
+    assert len(expected) > 1 and all(v.dtype == torch.float32 for k, v in expected.items() if k != "counts")
+    assert_equal(_part(two, f"fisher32.{mode}."), expected)
+
+
 def test_lowrank_two_processes_bit_for_bit(numerics):
     two, one = numerics
     assert len(_part(one, "lowrank.")) == 7 * 3
