@@ -208,10 +208,13 @@ def accumulate_per_example(fisher: Tensor, x: Tensor, g: Tensor, chunk_bytes: in
 
 def _two_sum_(total: Tensor, error: Tensor, term: Tensor) -> None:
     """total + error += term, with total + term rounded and its exact rounding error added to ``error``
-    (Knuth's TwoSum: s = total + term, b = s - total, err = (total - (s - b)) + (term - b))."""
+    (Knuth's TwoSum: s = total + term, b = s - total, err = (total - (s - b)) + (term - b)). ``term`` is
+    scratch: it is overwritten."""
     s = total + term
     b = s - total
-    error.add_((total - (s - b)).add_(term - b))
+    term.sub_(b)  # term - b
+    b.neg_().add_(s).neg_().add_(total)  # total - (s - b)
+    error.add_(b).add_(term)
     total.copy_(s)
 
 
