@@ -18,7 +18,9 @@ Hub"; at once with ``HF_HUB_OFFLINE=1``, after about 25 s of retries without it)
 Hub, a gated one, or a local ``data_files`` path that does not exist raise ``FileNotFoundError`` (or its
 ``datasets`` subclasses). Such a task is skipped: the others run, and the result lists it in ``unavailable``
 with the reason (also a warning). If no task can load its data, ``FileNotFoundError`` says why for each.
-Any other error (a broken task definition, a dataset format ``datasets`` cannot read) propagates.
+A Hub dataset that only a loading script can build (``datasets`` >= 4 runs none: "Dataset scripts are no
+longer supported") is reported the same way. Any other error (a broken task definition, a dataset format
+``datasets`` cannot read) propagates.
 To make a task available offline, run it once with network access (``datasets`` caches the data and
 ``HF_DATASETS_OFFLINE=1`` then reads the cache) or define it on a local copy of its data under
 ``include_path``.
@@ -46,6 +48,7 @@ DATA_HINT = (
     "under include_path (dataset_path: json, data_files: absolute paths)"
 )
 DATA_ERRORS = (ConnectionError, FileNotFoundError)  # what `datasets` raises for data it cannot get (see above)
+SCRIPT_DATASET = "Dataset scripts are no longer supported"  # datasets >= 4 on a Hub dataset with a loading script
 
 
 def _number(x: float) -> str:
@@ -205,6 +208,10 @@ def evaluate_downstream(
             built += _load(manager, name)
         except DATA_ERRORS as exc:
             unavailable[name] = f"{type(exc).__name__}: {exc}"
+        except RuntimeError as exc:  # a dataset that only a loading script can build: a local copy works
+            if SCRIPT_DATASET not in str(exc):
+                raise
+            unavailable[name] = f"{exc} (this datasets version runs no loading scripts)"
     if not built:
         reasons = "; ".join(f"{task} ({reason})" for task, reason in unavailable.items())
         raise FileNotFoundError(f"no lm-eval task could load its data: {reasons}. {DATA_HINT}.")

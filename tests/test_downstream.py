@@ -133,6 +133,29 @@ def test_no_available_task_raises_naming_each(monkeypatch, tmp_path):
         downstream.evaluate_downstream(tiny_model("gpt_neo"), char_tokenizer(), ["hellaswag", "copa"])
 
 
+def test_script_only_dataset_is_unavailable_but_other_runtime_errors_propagate(monkeypatch, include_dir):
+    """datasets >= 4 refuses Hub datasets that need a loading script (pubmedqa's): reported, not fatal."""
+    load = downstream._load
+
+    def refuse(name: str, message: str):
+        def fake(manager, task):
+            if task == name:
+                raise RuntimeError(message)
+            return load(manager, task)
+
+        monkeypatch.setattr(downstream, "_load", fake)
+
+    model, tokenizer = tiny_model("gpt_neo"), char_tokenizer()
+    tasks, kwargs = ["fastunlearn_tiny_mc", "fastunlearn_tiny_lambada"], {"include_path": include_dir, "limit": 2}
+    refuse("fastunlearn_tiny_lambada", f"{downstream.SCRIPT_DATASET}, but found pubmed_qa.py")
+    with pytest.warns(UserWarning, match="fastunlearn_tiny_lambada not run"):
+        result = downstream.evaluate_downstream(model, tokenizer, tasks, **kwargs)
+    assert set(result.metrics) == {"fastunlearn_tiny_mc"} and "pubmed_qa.py" in result.unavailable[tasks[1]]
+    refuse("fastunlearn_tiny_lambada", "a broken task definition")
+    with pytest.raises(RuntimeError, match="a broken task definition"):
+        downstream.evaluate_downstream(model, tokenizer, tasks, **kwargs)
+
+
 def test_unknown_task_names_are_listed_and_paper_tasks_registered(include_dir):
     tasks = [*downstream.PAPER_TASKS, "hellaswagg", *TINY_TASKS, "arc_easyy"]
     with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\): hellaswagg, arc_easyy \("):
