@@ -141,10 +141,14 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     if not is_sharded(model):
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
         return
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
     full = StateDictOptions(full_state_dict=True)
     groups = get_optimizer_state_dict(model, optimizer, options=full)["param_groups"]  # state still empty: cheap
-    by_name = {names[i]: values for i, values in state.items()}
+    by_name = {  # onto each parameter's device (the file's tensors are on the CPU), then sharded like it
+        names[i]: {k: v.to(params[names[i]].device) if v.dim() else v for k, v in values.items()}
+        for i, values in state.items()
+    }
     set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups}, options=full)
 
 

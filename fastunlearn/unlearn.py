@@ -293,8 +293,9 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.G
     if not dist_utils.current().is_main:
         return
     tensors["rng.torch"], tensors["rng.data"] = torch.get_rng_state(), generator.get_state()
-    if torch.cuda.is_initialized():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # this process's GPU only: touching the others would start a context on each
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     with atomic_directory(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"format": 1, "log": log}, indent=1))
@@ -313,8 +314,9 @@ def _load_params_and_rng(model: nn.Module, saved: dict, generator: torch.Generat
             param.copy_(saved[f"param.{name}"])
     torch.set_rng_state(saved["rng.torch"])
     generator.set_state(saved["rng.data"])
-    if "rng.cuda.0" in saved:
-        torch.cuda.set_rng_state_all([saved[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+    device = next(model.parameters()).device
+    if "rng.cuda" in saved and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng.cuda"], device)
 
 
 def _load_optimizer(model: nn.Module, optimizer, saved: dict) -> None:
