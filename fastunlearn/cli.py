@@ -150,7 +150,17 @@ def _info(args: argparse.Namespace) -> int:
     print(f"CUDA: {torch.cuda.get_device_name() if cuda else 'not available'}")
     for device in ("cpu", "cuda") if cuda else ("cpu",):
         print(f"IHL on {device} tensors runs: {_dispatch.select_impl(torch.device(device))}")
+    print(f"torchrun backends (torch.distributed): {_backends()}; GPUs: {torch.cuda.device_count()}")
     return 0
+
+
+def _backends() -> str:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "none (this torch build has no torch.distributed)"
+    found = [name for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available())) if ok]
+    return ", ".join(found) or "none"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ def test_info_reports_the_paths(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "IHL on cpu tensors runs:" in out and "C++ extension" in out
+    if torch.distributed.is_available():
+        assert "torchrun backends (torch.distributed): " in out and "gloo" in out
 
 
 def test_help_and_unknown_command(capsys):
