@@ -54,6 +54,8 @@ def _unlearn(args: argparse.Namespace) -> int:
     )  # fmt: skip
     owns_group = not (dist.is_available() and dist.is_initialized())
     device = init_from_env()  # under torchrun: the process group and this rank's GPU
+    if args.parallel == "fsdp" and args.params != "fila" and current().distributed:
+        device = "cpu"  # FSDP moves each block to this rank's GPU as it shards it (FILA's setup needs the model whole)
     try:
         model, tokenizer = _load_model(args.model, args.dtype, device)
         data = load_unlearning_data(
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     p.add_argument("--fused-ihl", action="store_true", help="forget IHL from hidden states, no (B, T, V) logits")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
-                   help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards) (ddp)")  # fmt: skip
+                   help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards; with --params full or lora "
+                        "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--out", required=True, help="output directory (an interrupted run there is resumed)")
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")

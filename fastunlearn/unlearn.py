@@ -30,7 +30,8 @@ to nondeterministic kernels). The checkpoint is removed when the run finishes.
 calls ``unlearn`` with the same arguments and its own copy of the model on its own device): FILA's Fisher
 and low-rank steps are shared out and reduced (``fastunlearn.distributed``); ``parallel="ddp"`` wraps the
 model in ``DistributedDataParallel``, ``"fsdp"`` shards it with FSDP2 ``fully_shard`` (per transformer
-block). Each epoch's micro-batch pairs (the same list in every rank, as one process draws it) go round
+block), after the setup (adapters, FILA) and before the first evaluation; a model given on the CPU is moved
+to the rank's GPU block by block as it is sharded. Each epoch's micro-batch pairs (the same list in every rank, as one process draws it) go round
 robin to the ranks, so an update is the one a single process would make (up to float rounding). Forget,
 held-out and retain metrics are sharded by sequence and gathered (under FSDP, whose forwards need every
 rank, in lockstep: ``_parallel.lockstep``). Rank 0 alone writes files, with the full
@@ -623,13 +624,19 @@ def unlearn(
 
     # ---- setup: dtype, trained parameters, seeds; then the baseline (fresh run) or the checkpoint (resume)
     was_training = model.training
-    device = next(model.parameters()).device
     model.to(DTYPES[cfg.dtype])
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # data order
     _setup_params(model, cfg, tasks[0], retain, saved)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
+    if saved is not None:
+        _load_params_and_rng(model, saved, generator)  # full tensors: before FSDP shards the parameters
+    if cfg.fused_ihl:
+        patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
+    train_model = _parallel.wrap(model, cfg.parallel, next(model.parameters()).device)  # the model in one process
+    device = next(model.parameters()).device  # FSDP moves a model on the CPU to this rank's GPU as it shards
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in its shards
     ckpt = out / "checkpoint"
     if saved is None:
         log = _new_log(model, cfg, tasks, retain, heldout, device)
@@ -638,14 +645,9 @@ def unlearn(
         lap("baseline_s")
         _save_checkpoint(ckpt, model, None, generator, log)  # a resume skips the setup (FILA's Fisher) and baseline
     else:
-        _load_params_and_rng(model, saved, generator)
         log["resumes"] += 1
         lap("setup_s")
     write(out / "log.json", log)
-    if cfg.fused_ihl:
-        patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
-    train_model = _parallel.wrap(model, cfg.parallel, device)  # the model itself in one process
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in its shards
     crit, counts = log["criterion"], log["model"]
     info(
         "params=%s: %d of %d parameters trainable (%.3f%%), lr %g | criterion (%s): forget MA <= %s, EL_%d <= %s%s",
