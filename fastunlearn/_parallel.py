@@ -46,6 +46,11 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> parameter of the trained ones, in ``model.parameters()`` order (the optimizer's indices)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
     """The module training forwards go through: the model itself in one process, else DDP(model) or the
     model after ``fully_shard`` (in place: ``model`` is then sharded too)."""
@@ -120,7 +125,7 @@ def total_norm(grads: list[Tensor]) -> Tensor:
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """name -> full trainable tensor (on the CPU under FSDP, and only on rank 0 there)."""
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach() for n, p in _trainable(model).items()}
     if not is_sharded(model):
         return trainable
     state = get_model_state_dict(model, options=_FULL_ON_CPU)  # every rank must call it
@@ -131,7 +136,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     """Parameter index (in ``model.parameters()`` order of the trainable ones) -> full AdamW state."""
     if not is_sharded(model):
         return optimizer.state_dict()["state"]
-    index = {n: i for i, n in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
+    index = {n: i for i, n in enumerate(_trainable(model))}
     state = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_CPU).get("state", {})
     return {index[name]: values for name, values in state.items()}
 
@@ -141,7 +146,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     if not is_sharded(model):
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
         return
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = _trainable(model)
     names = list(params)
     full = StateDictOptions(full_state_dict=True)
     groups = get_optimizer_state_dict(model, optimizer, options=full)["param_groups"]  # state still empty: cheap

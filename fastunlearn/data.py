@@ -201,6 +201,15 @@ class SequenceSet:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
+    def check_el_length(self, name: str, el_n: int) -> None:
+        """ValueError naming the set unless every sequence, without its padding, has more than ``el_n`` tokens
+        (EL_n scores the continuations of every prefix that leaves an n-gram to extract)."""
+        shortest = int(self.attention_mask.sum(1).min())
+        if shortest <= el_n:
+            raise ValueError(
+                f"{name} has a sequence of {shortest} tokens; EL_{el_n} (el_n={el_n}) needs at least {el_n + 1}"
+            )
+
 
 @dataclass(frozen=True)
 class SequenceConfig:

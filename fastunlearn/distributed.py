@@ -63,6 +63,15 @@ def init_from_env(backend: str | None = None) -> torch.device:
     return device
 
 
+def resolve(distributed: bool | None) -> Process:
+    """The process to work as for a ``distributed`` argument: None follows the default process group, False
+    works alone even inside one, True requires one of 2+ processes (ValueError otherwise)."""
+    process = current() if distributed is not False else Process()
+    if distributed and not process.distributed:
+        raise ValueError("distributed=True needs an initialized torch.distributed process group of 2+ processes")
+    return process
+
+
 def comm_device() -> torch.device:
     """Where collectives' buffers live: the current CUDA device for NCCL, the CPU for gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

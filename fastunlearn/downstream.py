@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._validate import is_int
+
 PAPER_TASKS = (
     "lambada_openai", "hellaswag", "winogrande", "copa", "arc_easy", "arc_challenge", "piqa", "mathqa", "pubmedqa",
 )  # fmt: skip
@@ -153,16 +155,12 @@ def _load(manager, name: str) -> list:
     return [groups[name]] if name in groups else list(loaded["tasks"].values())
 
 
-def _is_int(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _check_options(limit, batch_size, num_fewshot) -> None:
-    if limit is not None and not (_is_int(limit, 1) or isinstance(limit, float) and 0 < limit < 1):
+    if limit is not None and not (is_int(limit, 1) or isinstance(limit, float) and 0 < limit < 1):
         raise ValueError(f"limit must be None, an int >= 1 (examples per task) or a fraction in (0, 1), got {limit!r}")
-    if not _is_int(batch_size, 1):
+    if not is_int(batch_size, 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if num_fewshot is not None and not _is_int(num_fewshot, 0):
+    if num_fewshot is not None and not is_int(num_fewshot, 0):
         raise ValueError(f"num_fewshot must be None (the tasks' defaults) or an int >= 0, got {num_fewshot!r}")
 
 

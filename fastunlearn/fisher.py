@@ -279,9 +279,7 @@ def empirical_fisher(
     one is initialized; see the module docstring).
     """
     cfg = FisherConfig(mode, batch_size, max_examples, ignore_index, chunk_mb, progress)
-    process = dist_utils.current() if distributed is not False else dist_utils.Process()
-    if distributed and not process.distributed:
-        raise ValueError("distributed=True needs an initialized torch.distributed process group of 2+ processes")
+    process = dist_utils.resolve(distributed)
     modules = find_targets(model, targets)
     dtypes = {name: torch.promote_types(m.weight.dtype, torch.float32) for name, m in modules.items()}
     fisher = {

@@ -299,9 +299,7 @@ def weighted_lowrank_grouped(
         if device.type == "cpu":  # the op runs CPU chunks one by one anyway: stacking more only copies
             per_batch = min(per_batch, _cpu_chunk(*shape))
         batches += [members[i : i + per_batch] for i in range(0, len(members), per_batch)]
-    process = dist_utils.current() if distributed is not False else dist_utils.Process()
-    if distributed and not process.distributed:
-        raise ValueError("distributed=True needs an initialized torch.distributed process group of 2+ processes")
+    process = dist_utils.resolve(distributed)
     costs = [len(b) * weights[names[b[0]]].numel() for b in batches]
     owners = dist_utils.balanced_owners(costs, process.world_size)
     factored: dict[int, LowRank] = {}  # batch index -> (B, ...) result

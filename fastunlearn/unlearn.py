@@ -31,13 +31,13 @@ calls ``unlearn`` with the same arguments and its own copy of the model on its o
 and low-rank steps are shared out and reduced (``fastunlearn.distributed``); ``parallel="ddp"`` wraps the
 model in ``DistributedDataParallel``, ``"fsdp"`` shards it with FSDP2 ``fully_shard`` (per transformer
 block), after the setup (adapters, FILA) and before the first evaluation; a model given on the CPU is moved
-to the rank's GPU block by block as it is sharded. Each epoch's micro-batch pairs (the same list in every rank, as one process draws it) go round
-robin to the ranks, so an update is the one a single process would make (up to float rounding). Forget,
-held-out and retain metrics are sharded by sequence and gathered (under FSDP, whose forwards need every
-rank, in lockstep: ``_parallel.lockstep``). Rank 0 alone writes files, with the full
-(gathered) state; a checkpoint resumes under any world size that leaves each rank a micro-batch. Resume
-restores rank 0's random state on every rank: bit-equal resumption holds for one process, or without
-dropout.
+to the rank's GPU block by block as it is sharded. Each epoch's micro-batch pairs (the same list in every
+rank, as one process draws it) go round robin to the ranks, so an update is the one a single process would
+make (up to float rounding). Forget, held-out and retain metrics are sharded by sequence and gathered
+(under FSDP, whose forwards need every rank, in lockstep: ``_parallel.lockstep``). Rank 0 alone writes
+files, with the full (gathered) state; a checkpoint resumes under any world size that leaves each rank a
+micro-batch. Resume restores rank 0's random state on every rank: bit-equal resumption holds for one
+process, or without dropout.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from . import _parallel
 from . import distributed as dist_utils
+from ._validate import is_int, is_number
 from .data import SequenceSet, UnlearningData, iterate_batches
 from .export import atomic_directory, save_merged_model, save_peft_adapter
 from .fila import FilaConfig, fila_init
@@ -77,14 +78,6 @@ STOPS = ("heldout", "threshold")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "fila": 2e-4}  # the paper's learning rates
 FILA_OPTIONS = tuple(f.name for f in dataclasses.fields(FilaConfig) if f.name not in ("rank", "alpha"))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -128,28 +121,28 @@ class UnlearnConfig:
                               ("parallel", _parallel.PARALLEL)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
-        if not (_is_number(self.retain_weight) and self.retain_weight >= 0):
+        if not (is_number(self.retain_weight) and self.retain_weight >= 0):
             raise ValueError(f"retain_weight must be a finite number >= 0, got {self.retain_weight!r}")
         for name in ("rank", "max_epochs", "min_epochs", "micro_batch_size", "el_n", "eval_batch_size"):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
+            if not is_int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.min_epochs > self.max_epochs:
             raise ValueError(f"min_epochs must be <= max_epochs ({self.max_epochs}), got {self.min_epochs}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         for name in ("alpha", "lr"):
             value = getattr(self, name)
-            if not (value is None and name == "lr") and not (_is_number(value) and value > 0):
+            if not (value is None and name == "lr") and not (is_number(value) and value > 0):
                 raise ValueError(
                     f"{name} must be a finite number > 0{' or None' if name == 'lr' else ''}, got {value!r}"
                 )
-        if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+        if not (is_number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name in ("ma_threshold", "el_threshold"):
             value = getattr(self, name)
-            if self.stop == "threshold" and not (_is_number(value) and 0 <= value <= 1):
+            if self.stop == "threshold" and not (is_number(value) and 0 <= value <= 1):
                 raise ValueError(f"{name} must be a number in [0, 1] with stop='threshold', got {value!r}")
             if self.stop == "heldout" and value is not None:
                 raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
@@ -220,12 +213,8 @@ def _check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSe
             raise TypeError(f"{name} must be a SequenceSet, got {type(seqs).__name__}")
         if len(seqs) == 0 or _n_targets(seqs.attention_mask) == 0:
             raise ValueError(f"{name} is empty: it has {len(seqs)} sequences and no next-token target")
-        shortest = int(seqs.attention_mask.sum(1).min())  # EL scores each sequence without its padding
-        if scored and shortest <= cfg.el_n:
-            raise ValueError(
-                f"{name} has a sequence of {shortest} tokens; EL_{cfg.el_n} (el_n={cfg.el_n}) needs at least "
-                f"{cfg.el_n + 1}"
-            )
+        if scored:
+            seqs.check_el_length(name, cfg.el_n)
     if retain is None:
         for needs, why in (
             (cfg.retain_weight > 0, f"retain_weight={cfg.retain_weight} (set retain_weight=0 for no retain loss)"),

@@ -39,7 +39,6 @@ Not handled: tensor, context or sequence parallelism (they split a batch's token
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,6 +47,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
+from .. import distributed as dist_utils
+from .._validate import is_int, is_number
 from ..data import SequenceSet
 from ..ihl import ihl_loss
 from ..metrics import extraction_likelihood, memorization_accuracy
@@ -61,14 +62,6 @@ RETAIN_KEYS = ("retain_input_ids", "retain_attention_mask")
 BATCH_KEYS = FORGET_KEYS + RETAIN_KEYS
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _check_set(name: str, seqs: object) -> None:
     if not isinstance(seqs, SequenceSet):
         raise TypeError(f"{name} must be a fastunlearn.data.SequenceSet, got {type(seqs).__name__}")
@@ -80,9 +73,9 @@ def _check_objective(forget_loss: object, retain_weight: object, margin: object)
     """ValueError naming the bad argument and its value."""
     if forget_loss not in FORGET_LOSSES:
         raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}")
-    if not (_is_number(retain_weight) and retain_weight >= 0):
+    if not (is_number(retain_weight) and retain_weight >= 0):
         raise ValueError(f"retain_weight must be a finite number >= 0, got {retain_weight!r}")
-    if not (_is_number(margin) and margin > 0):
+    if not (is_number(margin) and margin > 0):
         raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
 
 
@@ -334,7 +327,7 @@ def _rank0_value(value: float, device: torch.device) -> float:
     taking rank 0's makes them identical, so every rank takes the same branch: all or none run EL's forward
     calls (collectives under FSDP / ZeRO-3) and leave the training loop.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist_utils.current().distributed:
         return value
     shared = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(shared, src=0)
@@ -344,11 +337,7 @@ def _rank0_value(value: float, device: torch.device) -> float:
 def _check_scored(name: str, seqs: object, el_n: int) -> None:
     """A set whose MA and EL_n are measured: every sequence has more than el_n real tokens."""
     _check_set(name, seqs)
-    shortest = int(seqs.attention_mask.sum(1).min())  # EL scores each sequence without its padding
-    if shortest <= el_n:
-        raise ValueError(
-            f"{name} has a sequence of {shortest} tokens; EL_{el_n} (el_n={el_n}) needs at least {el_n + 1}"
-        )
+    seqs.check_el_length(name, el_n)
 
 
 class UnlearningCallback(TrainerCallback):
@@ -384,12 +373,12 @@ class UnlearningCallback(TrainerCallback):
         eval_batch_size: int = 32,
     ) -> None:
         for name, value in (("el_n", el_n), ("eval_batch_size", eval_batch_size)):
-            if not _is_positive_int(value):
+            if not is_int(value, 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         thresholds = {"ma_threshold": ma_threshold, "el_threshold": el_threshold}
         if heldout is None:
             for name, value in thresholds.items():
-                if not (_is_number(value) and 0 <= value <= 1):
+                if not (is_number(value) and 0 <= value <= 1):
                     raise ValueError(f"{name} must be a number in [0, 1] when no heldout set is given, got {value!r}")
         else:
             for name, value in thresholds.items():
