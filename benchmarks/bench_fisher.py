@@ -87,7 +87,6 @@ def fisher_fn(provider: str):
     }[provider]
 
 
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_fisher(benchmark, results, device, provider, dtype):
@@ -114,7 +113,6 @@ def test_fisher(benchmark, results, device, provider, dtype):
     info = {"device": device_name(device), "median_s": benchmark.stats.stats.median, "peak_extra_bytes": peak_extra}
     benchmark.extra_info.update(info)
     results[("fisher", provider, dtype)] = info
-
 
 
 def _speedups(results: dict, fused: str, dtype: torch.dtype) -> dict:

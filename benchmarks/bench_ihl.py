@@ -28,7 +28,6 @@ DTYPES = [torch.bfloat16, torch.float32]
 TARGET_SHAPE, TARGET_DTYPE = (8192, 128256), torch.bfloat16
 
 
-
 @pytest.mark.parametrize("mode", ["full", "forward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

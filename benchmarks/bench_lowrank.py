@@ -43,7 +43,6 @@ SETTINGS = {
 PROVIDERS = [*SETTINGS, "svd_lowrank-loop", "full-svd"]
 
 
-
 def make_layers(set_name: str, device: torch.device) -> tuple[dict, dict]:
     """name -> W (out, in) spiked random weight, name -> lognormal row weights (out,)."""
     shapes, dtype = SETS[set_name]
@@ -125,7 +124,6 @@ def test_lowrank(benchmark, results, device, layer_sets, set_name, provider):
         info.update(mean_excess_vs_optimum=float(excess.mean()), max_excess_vs_optimum=float(excess.max()))
     benchmark.extra_info.update(info)
     results[(set_name, provider)] = info
-
 
 
 @pytest.mark.parametrize("set_name", SET_PARAMS)

@@ -31,6 +31,7 @@ def loss_fn(provider: str):
     if provider == "fastunlearn":
         return fastunlearn.ihl_loss
     if provider == "fastunlearn-torch":
+
         def torch_path(logits, labels):
             with _dispatch._force_impl("torch"):
                 return fastunlearn.ihl_loss(logits, labels)
