@@ -51,6 +51,7 @@ DDP_WORKER = textwrap.dedent(
     torch.save({"params": [p.detach() for p in model.parameters()], "log": trainer.state.log_history,
                 "history": callback.history, "world": args.world_size, "step": trainer.state.global_step},
                f"{out}/rank{os.environ['RANK']}.pt")
+    torch.distributed.destroy_process_group()  # gloo's threads stopped before exit, not torn down by it
     """
 )
 
