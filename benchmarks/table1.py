@@ -316,8 +316,8 @@ def run_once(memorized: Path, data: Data, scale: Scale, method: Method, forget_s
     from transformers import GPTNeoForCausalLM
 
     from fastunlearn.data import UnlearningData
+    from fastunlearn.engine import UnlearnConfig, unlearn
     from fastunlearn.report import write_json
-    from fastunlearn.unlearn import UnlearnConfig, unlearn
 
     summary_path = out / "summary.json"
     if summary_path.is_file():
@@ -449,7 +449,7 @@ def table_markdown(rows: list[dict], before: dict, caption: str, verdict: dict) 
 def caption_text(scale: Scale, scale_name: str, model_params: int, data: Data, before: dict, wall_s: float) -> str:
     import torch
 
-    from fastunlearn.unlearn import DEFAULT_LR
+    from fastunlearn.engine import DEFAULT_LR
 
     forget = ", ".join(f"{n} ({k} seqs)" for n, k in data.sizes["forget"].items())
     return (

@@ -27,7 +27,7 @@ from .objectives import (
 __version__ = "0.1.0"
 
 # The engine imports transformers (metrics, data); it loads on first use so `import fastunlearn` stays light.
-_LAZY = {"unlearn": ".unlearn", "UnlearnConfig": ".unlearn", "UnlearnResult": ".unlearn"}
+_LAZY = {"unlearn": ".engine", "UnlearnConfig": ".engine", "UnlearnResult": ".engine"}
 
 
 def __getattr__(name: str):

@@ -40,7 +40,7 @@ def _unlearn(args: argparse.Namespace) -> int:
 
     from .data import load_unlearning_data
     from .distributed import current, init_from_env
-    from .unlearn import UnlearnConfig, unlearn
+    from .engine import UnlearnConfig, unlearn
 
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
     config = UnlearnConfig(

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from .data import SequenceSet, UnlearningData, tokenize_sequences
 from .demo_data import FIRST_NAMES, make_records, person, train_tokenizer
+from .engine import UnlearnConfig, unlearn
 from .export import atomic_directory
 from .metrics import evaluate, memorization_accuracy, perplexity
-from .unlearn import UnlearnConfig, unlearn
 
 VOCAB_SIZE = 1024  # BPE tokens: whole names and words are single tokens
 MAX_SEQ_LEN = 32  # records are longer (34+ tokens over 60 seeds), so no sequence is padded

@@ -20,8 +20,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,39 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ._atomic import atomic_directory
 from .lora import LoRALinear, lora_layers
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory next to ``out_dir`` that becomes ``out_dir`` when the block succeeds.
-
-    On an exception the temporary directory is removed and ``out_dir`` is left as it was.
-    """
-    target = Path(os.path.abspath(out_dir))
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"out_dir {str(target)!r} exists and is not a directory")
-        if not overwrite and any(target.iterdir()):
-            raise FileExistsError(f"out_dir {str(target)!r} is not empty (pass overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():  # empty, or overwrite: set it aside until the new one is in place
-            old = tmp.with_name(tmp.name + "-old")
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
 def _uniform(layers: dict[str, LoRALinear], attr: str):

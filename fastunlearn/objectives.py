@@ -13,6 +13,7 @@ gives 0 and zero gradients, never NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,40 @@ from .ihl import count_valid, flatten_labels, ihl_loss, reduce_rows
 FORGET_LOSSES = ("ihl", "ga")
 
 
+def next_token_targets(
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """(..., T - 1) next-token targets of a causal LM: ``(labels or input_ids)[..., 1:]``, with ``ignore_index``
+    where the target is padding or is predicted from padding (``attention_mask`` 0 at t + 1 or at t).
+
+    The one rule for "which next tokens count", shared by the losses, the Fisher, the metrics and the engine.
+    ``labels`` are aligned with ``input_ids`` (Hugging Face style) and may already hold ``ignore_index``.
+    """
+    if input_ids.shape[-1] < 2:
+        raise ValueError(f"input_ids needs at least 2 positions to form next-token targets, got {input_ids.shape[-1]}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
+    targets = (input_ids if labels is None else labels)[..., 1:]
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+        padded = (attention_mask[..., 1:] == 0) | (attention_mask[..., :-1] == 0)
+        targets = targets.masked_fill(padded, ignore_index)
+    return targets
+
+
+def count_targets(
+    input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int = -100
+) -> Tensor:
+    """How many next-token targets :func:`next_token_targets` keeps (an int64 scalar on the inputs' device)."""
+    return (next_token_targets(input_ids, attention_mask, labels, ignore_index) != ignore_index).sum()
+
+
 def shift_causal(
     logits: Tensor,
     input_ids: Tensor,
@@ -32,28 +67,16 @@ def shift_causal(
     labels: Tensor | None = None,
     ignore_index: int = -100,
 ) -> tuple[Tensor, Tensor]:
-    """(logits[..., :-1, :], targets) where targets = (labels or input_ids)[..., 1:].
+    """(logits[..., :-1, :], :func:`next_token_targets`): a causal LM's outputs aligned with what they predict.
 
-    Positions whose target is padding (``attention_mask == 0``) or already ``ignore_index`` in ``labels``
-    become ``ignore_index``. The logits are a view: no copy.
+    The logits are a view: no copy.
     """
     _validate.check_float_tensor("logits", logits, min_dim=2)
     if input_ids.shape != logits.shape[:-1]:
         raise ValueError(
             f"input_ids has shape {tuple(input_ids.shape)} but logits (..., T, V) needs {tuple(logits.shape[:-1])}"
         )
-    if input_ids.shape[-1] < 2:
-        raise ValueError(f"input_ids needs at least 2 positions to form next-token targets, got {input_ids.shape[-1]}")
-    targets = (input_ids if labels is None else labels)[..., 1:]
-    if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
-            )
-        targets = targets.masked_fill(attention_mask[..., 1:] == 0, ignore_index)
-    return logits[..., :-1, :], targets
+    return logits[..., :-1, :], next_token_targets(input_ids, attention_mask, labels, ignore_index)
 
 
 def causal_lm_ihl_loss(
@@ -146,3 +169,25 @@ class UnlearningLoss(nn.Module):
             forget_logits, forget_labels, retain_logits, retain_labels, forget_loss=self.forget_loss,
             retain_weight=self.retain_weight, ignore_index=self.ignore_index, margin=self.margin,
         )  # fmt: skip
+
+
+# (model, batch) -> the forget term summed over the batch's next-token targets; the batch is a dict with
+# input_ids and attention_mask (B, T).
+ForgetTerm = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
+
+
+def forget_term(forget_loss: str, *, fused: bool = False) -> ForgetTerm:
+    """The forget term of the unlearning engine, as a function of (model, batch).
+
+    ``fused=True`` (IHL only) calls a model patched by :func:`fastunlearn.fused_lm.patch_fused_ihl`, which
+    computes IHL from the last hidden states without the (B, T, V) logits; otherwise the model's logits go
+    through :func:`shift_causal` and the loss.
+    """
+    if forget_loss not in FORGET_LOSSES:
+        raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}")
+    if fused:
+        if forget_loss != "ihl":
+            raise ValueError(f"fused=True computes the IHL term; forget_loss={forget_loss!r} has no fused path")
+        return lambda model, batch: model(**batch, ihl=True, reduction="sum").loss
+    loss_fn = ihl_loss if forget_loss == "ihl" else ga_loss
+    return lambda model, batch: loss_fn(*shift_causal(model(**batch, use_cache=False).logits, **batch), reduction="sum")

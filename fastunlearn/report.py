@@ -1,7 +1,7 @@
 """What an unlearning run leaves for people: ``log.json``, ``report.md`` and ``metrics.png``, from its log.
 
-Every file is written to a temporary name next to it and renamed into place (``os.replace``), so a reader
-or an interrupted run never sees half a file. ``remove_stale_temporaries`` clears what a killed run left.
+Every file is written atomically (``fastunlearn._atomic``): a reader
+or an interrupted run never sees half a file.
 ``write_report`` and ``write_plot`` need only the log, so they can also re-render a finished run's
 ``log.json``. The plot needs matplotlib (imported when called).
 """
@@ -11,30 +11,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
-TEMPORARY = ".*.tmp-*"  # the names atomic_write and export.atomic_directory write to before renaming
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful rename
-
-
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Remove the temporary files and directories an interrupted run left in ``out_dir`` (if it exists)."""
-    for stale in out_dir.glob(TEMPORARY) if out_dir.is_dir() else ():
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+from ._atomic import atomic_write
 
 
 def check_plotting() -> None:

@@ -21,10 +21,10 @@ from tiny_models import VOCAB, tiny_model
 
 from fastunlearn import distributed as dist_utils
 from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.engine import UnlearnConfig, unlearn
 from fastunlearn.fila import fila_init
 from fastunlearn.fisher import empirical_fisher
 from fastunlearn.lowrank import weighted_lowrank_grouped
-from fastunlearn.unlearn import UnlearnConfig, unlearn
 
 DEVICE = os.environ.get("FASTUNLEARN_TEST_DIST_DEVICE", "cpu")
 

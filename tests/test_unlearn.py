@@ -14,11 +14,11 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from fastunlearn.data import SequenceSet, UnlearningData, split_tasks
+from fastunlearn.engine import UnlearnConfig, unlearn
 from fastunlearn.ihl import ihl_loss
 from fastunlearn.lora import lora_layers
 from fastunlearn.metrics import extraction_likelihood, memorization_accuracy
 from fastunlearn.objectives import shift_causal
-from fastunlearn.unlearn import UnlearnConfig, unlearn
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 # a tiny model unlearns in a few updates at a larger learning rate than the paper's; EL_5 fits 16 tokens
@@ -149,7 +149,7 @@ def test_gradient_ascent_alone_on_all_parameters_from_a_plain_list_of_forget_set
 
 
 def test_stop_rule_respects_min_epochs(memorized, tmp_path, caplog):
-    caplog.set_level("INFO", logger="fastunlearn.unlearn")
+    caplog.set_level("INFO", logger="fastunlearn.engine")
     always = {"stop": "threshold", "ma_threshold": 1.0, "el_threshold": 1.0}
     result = run(memorized, tmp_path / "min", params="lora", min_epochs=3, max_epochs=5, config=always)
     epochs = result.log["tasks"][0]["epochs"]

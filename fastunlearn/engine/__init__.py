@@ -1,0 +1,47 @@
+"""The unlearning engine (its entry point is ``fastunlearn.unlearn``): set up the trained parameters, then
+one optimizer update per epoch until the forget set looks like
+data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 2023).
+
+- **Parameters**: ``"full"`` (every weight), ``"lora"`` (LoRA adapters, A Kaiming / B zero) or ``"fila"``
+  (adapters initialized from the forget set's Fisher information relative to the retain set's).
+- **Epoch** = ONE AdamW update from the gradient of the whole forget set, accumulated over micro-batches. Each
+  forget micro-batch is paired with a retain micro-batch (the retain set reshuffled every epoch and cycled)
+  when ``retain_weight > 0``. Every term is a sum over next-token targets divided by the epoch's total target
+  count, so the accumulated gradient is that of mean forget term + retain_weight x mean retain loss over the
+  epoch's tokens, whatever the micro-batch size.
+- **Stop**: after each epoch the forget set's MA is measured; its EL_n only once MA meets its limit (EL is
+  expensive; ``None`` otherwise). ``stop="heldout"`` (the paper): MA and EL_n at or below the held-out set's
+  values measured before unlearning; ``stop="threshold"``: at or below ``ma_threshold`` and ``el_threshold``.
+  The run stops at the first epoch >= ``min_epochs`` that meets it; reaching ``max_epochs`` without it, or a
+  non-finite loss or gradient (then no update is made), is a failure, and is recorded as one.
+- **Continual**: forget sets unlearned one after another on the same model (adapters continue; a new optimizer
+  per task; FILA is initialized once, from the first task). After each task every forget set so far, the
+  held-out set and (if asked) the retain perplexity are measured again. The run succeeds when every task met
+  the criterion and every forget set still meets it after the last task.
+
+Outputs in ``out_dir``, each written atomically (a reader never sees a partial file): ``log.json`` after
+every epoch, then ``report.md``, ``metrics.png``, ``adapter/`` (PEFT, for lora/fila) and ``merged/`` (a
+transformers model; with the tokenizer if given). ``checkpoint/`` is rewritten after the setup and after
+every epoch: trainable tensors, AdamW state and RNG states in safetensors, the log (epoch, metrics) in JSON;
+no pickle. Called again with the same arguments on an unmodified copy of the model, an interrupted run
+continues from its last finished epoch and ends as an uninterrupted one would (bit-equal on CPU; on CUDA up
+to nondeterministic kernels). The checkpoint is removed when the run finishes.
+
+**Multi-process** (a ``torch.distributed`` process group is initialized, e.g. under ``torchrun``; every rank
+calls ``unlearn`` with the same arguments and its own copy of the model on its own device): FILA's Fisher
+and low-rank steps are shared out and reduced (``fastunlearn.distributed``); ``parallel="ddp"`` wraps the
+model in ``DistributedDataParallel``, ``"fsdp"`` shards it with FSDP2 ``fully_shard`` (per transformer
+block), after the setup (adapters, FILA) and before the first evaluation; a model given on the CPU is moved
+to the rank's GPU block by block as it is sharded. Each epoch's micro-batch pairs (the same list in every
+rank, as one process draws it) go round robin to the ranks, so an update is the one a single process would
+make (up to float rounding). Forget, held-out and retain metrics are sharded by sequence and gathered
+(under FSDP, whose forwards need every rank, in lockstep: ``_parallel.lockstep``). Rank 0 alone writes
+files, with the full (gathered) state; a checkpoint resumes under any world size that leaves each rank a
+micro-batch. Resume restores rank 0's random state on every rank: bit-equal resumption holds for one
+process, or without dropout.
+"""
+
+from .config import DEFAULT_LR, DTYPES, PARAMS, STOPS, UnlearnConfig, UnlearnResult
+from .recipe import UnlearnRecipe, unlearn
+
+__all__ = ["DEFAULT_LR", "DTYPES", "PARAMS", "STOPS", "UnlearnConfig", "UnlearnRecipe", "UnlearnResult", "unlearn"]

@@ -1,0 +1,123 @@
+"""What an unlearning run is asked to do (:class:`UnlearnConfig`, validated on construction) and what it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _parallel
+from .._validate import is_int, is_number
+from ..fila import FilaConfig
+from ..objectives import FORGET_LOSSES
+
+PARAMS = ("full", "lora", "fila")
+STOPS = ("heldout", "threshold")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "fila": 2e-4}  # the paper's learning rates
+FILA_OPTIONS = tuple(f.name for f in dataclasses.fields(FilaConfig) if f.name not in ("rank", "alpha"))
+
+
+@dataclass
+class UnlearnConfig:
+    """How :func:`unlearn` trains and when it stops; every field is checked (ValueError naming it)."""
+
+    forget_loss: str = "ihl"  # "ihl" (inverted hinge loss, the paper) or "ga" (gradient ascent)
+    retain_weight: float = 1.0  # x retain LM loss; 0 = the forget term alone ("ga" + 0: GA; "ga" + 1: GD)
+    params: str = "fila"  # trained: "full" (all weights), "lora" (adapters), "fila" (Fisher-initialized adapters)
+    rank: int = 16  # LoRA rank (lora / fila)
+    alpha: float = 32.0  # LoRA alpha: scale = alpha / rank
+    targets: str | tuple[str, ...] = "preset"  # adapted layers: "preset" (by model type), a preset name, patterns
+    lr: float | None = None  # None: the paper's 5e-5 for "full", 2e-4 for "lora" / "fila"
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Jang et al.)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_epochs: int = 20  # an epoch is one optimizer update from the whole forget set; failure after this many
+    min_epochs: int = 1  # never stop before this many epochs
+    micro_batch_size: int = 8  # sequences per forward/backward; accumulation makes the update independent of it
+    stop: str = "heldout"  # "heldout": forget MA, EL <= held-out set's before unlearning; "threshold": fixed ones
+    ma_threshold: float | None = None  # stop="threshold": forget MA limit (Jang et al.: 0.2994 for GPT-Neo 125M)
+    el_threshold: float | None = None  # stop="threshold": forget EL_n limit (Jang et al.: 0.0499)
+    el_n: int = 10  # n of the extraction likelihood EL_n
+    dtype: str = "float32"  # model and training dtype, "float32" or "bfloat16" (LoRA adapters stay float32)
+    seed: int = 0  # adapter initialization, data order, dropout
+    gradient_checkpointing: bool = False  # recompute activations during backward (transformers models)
+    fila: dict = field(default_factory=dict)  # params="fila": FilaConfig options (fisher_mode, eps, ...) but rank/alpha
+    eval_retain_ppl: bool = False  # measure the retain set's perplexity before, after every epoch and task
+    eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
+    parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
+    fused_ihl: bool = False  # forget IHL from the last hidden states: no (B, T, V) logits (transformers LMs)
+
+    def __post_init__(self) -> None:
+        self.targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
+        patterns = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not patterns or not all(isinstance(t, str) and t for t in patterns):
+            raise ValueError(
+                f"targets must be a preset name or a non-empty list of layer name patterns, got {self.targets!r}"
+            )
+        self.betas = tuple(self.betas)
+        for name, choices in (("forget_loss", FORGET_LOSSES), ("params", PARAMS), ("stop", STOPS), ("dtype", DTYPES),
+                              ("parallel", _parallel.PARALLEL)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
+        if not (is_number(self.retain_weight) and self.retain_weight >= 0):
+            raise ValueError(f"retain_weight must be a finite number >= 0, got {self.retain_weight!r}")
+        for name in ("rank", "max_epochs", "min_epochs", "micro_batch_size", "el_n", "eval_batch_size"):
+            if not is_int(getattr(self, name), 1):
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(f"min_epochs must be <= max_epochs ({self.max_epochs}), got {self.min_epochs}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for name in ("alpha", "lr"):
+            value = getattr(self, name)
+            if not (value is None and name == "lr") and not (is_number(value) and value > 0):
+                raise ValueError(
+                    f"{name} must be a finite number > 0{' or None' if name == 'lr' else ''}, got {value!r}"
+                )
+        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not (is_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("ma_threshold", "el_threshold"):
+            value = getattr(self, name)
+            if self.stop == "threshold" and not (is_number(value) and 0 <= value <= 1):
+                raise ValueError(f"{name} must be a number in [0, 1] with stop='threshold', got {value!r}")
+            if self.stop == "heldout" and value is not None:
+                raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
+        for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.fused_ihl and self.forget_loss != "ihl":
+            raise ValueError(
+                f"fused_ihl=True computes the IHL term; forget_loss={self.forget_loss!r} has no fused path"
+            )
+        if not isinstance(self.fila, dict) or (self.fila and self.params != "fila"):
+            raise ValueError(f"fila must be a dict of FILA options, given only with params='fila', got {self.fila!r}")
+        unknown = sorted(set(self.fila) - set(FILA_OPTIONS))
+        if unknown:
+            raise ValueError(f"fila has unknown options {unknown}; known: {', '.join(FILA_OPTIONS)}")
+        self.fila_config()  # validates the FILA options
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.params] if self.lr is None else self.lr
+
+    def fila_config(self) -> FilaConfig:
+        """The FilaConfig of this run (its dropout and rsLoRA settings also shape plain LoRA adapters)."""
+        return FilaConfig(rank=self.rank, alpha=self.alpha, **self.fila)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples as lists); ``UnlearnConfig(**config.to_dict())`` gives an equal config."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module  # the unlearned model, trained in place (adapters not merged)
+    success: bool  # every forget set met the criterion when its training stopped, and still does at the end
+    log: dict  # what log.json holds: config, baseline, every epoch's metrics, stop reasons, timings
+    out_dir: Path

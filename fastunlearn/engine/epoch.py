@@ -1,0 +1,101 @@
+"""One epoch: the whole forget set's gradient accumulated over micro-batches, then ONE optimizer update.
+
+Multi-process: the epoch's micro-batch pairs (the same list on every rank) go round robin to the ranks, and
+only each rank's last backward synchronizes gradients, so the update is the one-process update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import _parallel
+from .. import distributed as dist_utils
+from ..data import iterate_batches
+from ..objectives import ForgetTerm, retain_loss, shift_causal
+from .config import UnlearnConfig
+from .evaluation import finite
+from .inputs import n_targets
+
+
+def epoch_pairs(forget, retain, cfg: UnlearnConfig, generator) -> list[tuple[dict, dict | None]]:
+    """(forget micro-batch, retain micro-batch or None) pairs of one epoch: the same list on every rank."""
+    f_batches = list(iterate_batches(forget, cfg.micro_batch_size, shuffle=True, generator=generator))
+    r_batches = []
+    if retain is not None and cfg.retain_weight > 0:
+        r_batches = list(iterate_batches(retain, cfg.micro_batch_size, shuffle=True, generator=generator))
+    pairs = [(f, r_batches[i % len(r_batches)] if r_batches else None) for i, f in enumerate(f_batches)]
+    process = dist_utils.current()
+    if len(pairs) < process.world_size:
+        raise ValueError(
+            f"the forget set gives {len(pairs)} micro-batches of micro_batch_size={cfg.micro_batch_size}, fewer "
+            f"than the {process.world_size} processes: lower micro_batch_size so that every rank gets one"
+        )
+    return pairs
+
+
+def reduce_summary(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums added over the ranks, and the max of ``extremes`` (negate to get a min)."""
+    if dist_utils.current().distributed:
+        sums, extremes = sums.to(dist_utils.comm_device()), extremes.to(dist_utils.comm_device())
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    return sums, extremes
+
+
+def train_epoch(
+    train_model, forget_term: ForgetTerm, optimizer, params, forget, retain, cfg: UnlearnConfig, generator, device
+) -> dict:
+    """Accumulate the whole forget set's gradient over micro-batches, then make ONE update (unless not finite).
+    Multi-process: rank r runs pairs r, r + world_size, ...; its last backward reduces the gradients."""
+    pairs = epoch_pairs(forget, retain, cfg, generator)
+    n_forget = sum(n_targets(f) for f, _ in pairs)
+    n_retain = sum(n_targets(r) for _, r in pairs if r is not None)
+    process = dist_utils.current()
+    mine = pairs[process.rank :: process.world_size]
+    scale = process.world_size  # DDP / FSDP average the ranks' gradients; the update needs their sum
+    optimizer.zero_grad(set_to_none=True)
+    train_model.train()
+    f_sums, r_sums, f_means = [], [], []  # stay on the device: no host sync inside the loop
+    progress = tqdm(mine, desc="micro-batches", leave=False, disable=None if process.is_main else True)
+    for i, (f, r) in enumerate(progress):
+        n = n_targets(f)  # counted on the CPU copy: no sync
+        with _parallel.gradient_sync(train_model, enabled=i == len(mine) - 1):
+            f = {k: v.to(device) for k, v in f.items()}
+            f_sum = forget_term(train_model, f)  # summed over the micro-batch's next-token targets
+            loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget targets
+            if r is not None:
+                r = {k: v.to(device) for k, v in r.items()}
+                r_sum = retain_loss(*shift_causal(train_model(**r, use_cache=False).logits, **r), reduction="sum")
+                loss = loss + cfg.retain_weight * r_sum / n_retain
+                r_sums.append(r_sum.detach())
+            (loss * scale).backward()
+        f_sums.append(f_sum.detach())
+        if n:
+            f_means.append(f_sum.detach() / n)
+    grad_norm = _parallel.total_norm([p.grad for p in params if p.grad is not None])
+    means = torch.stack(f_means)
+    retain_sum = torch.stack(r_sums).sum() if r_sums else torch.zeros((), device=device)
+    sums, extremes = reduce_summary(
+        torch.stack([torch.stack(f_sums).sum(), retain_sum]), torch.stack([-means.min(), means.max()])
+    )
+    summary = torch.stack(
+        [sums[0] / n_forget, -extremes[0], extremes[1], sums[1] / max(n_retain, 1), grad_norm.to(sums.device)]
+    )
+    forget_loss, low, high, retain_value, norm = summary.tolist()  # host sync: once per epoch
+    updated = all(math.isfinite(v) for v in (forget_loss, retain_value, norm))
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients while evaluating
+    return {
+        "forget_loss": finite(forget_loss),  # mean forget term over the epoch's forget targets, before the update
+        "retain_loss": finite(retain_value) if n_retain else None,
+        "forget_loss_range": [
+            finite(low),
+            finite(high),
+        ],  # min, max of the micro-batches' mean forget term
+        "grad_norm": finite(norm),
+        "updated": updated,
+    }

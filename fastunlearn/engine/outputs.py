@@ -1,0 +1,45 @@
+"""What a finished run leaves: ``adapter/`` (PEFT), ``merged/`` (transformers), the report, plot and log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .. import _parallel
+from .. import distributed as dist_utils
+from .._atomic import atomic_directory
+from ..export import save_merged_model, save_peft_adapter
+from ..report import write_json, write_plot, write_report
+from .config import UnlearnConfig
+
+OUTPUTS = {"merged": "merged", "report": "report.md", "plot": "metrics.png"}
+
+
+def export_models(model: nn.Module, cfg: UnlearnConfig, out: Path, tokenizer) -> dict[str, str]:
+    """adapter/ (PEFT, for the unmodified base model) and merged/ (a plain transformers model + tokenizer),
+    written by rank 0 (from a CPU copy of the full weights under FSDP; every rank must call)."""
+    if _parallel.is_sharded(model):
+        model = _parallel.cpu_replica(model)
+    outputs = dict(OUTPUTS)
+    if cfg.params != "full":
+        outputs["adapter"] = "adapter"
+    if not dist_utils.current().is_main:
+        return outputs
+    if cfg.params != "full":
+        save_peft_adapter(model, out / "adapter", overwrite=True)
+    with atomic_directory(out / "merged", overwrite=True) as tmp:
+        if cfg.params == "full":
+            model.save_pretrained(tmp)
+        else:
+            save_merged_model(model, tmp, overwrite=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return outputs
+
+
+def write_documents(out: Path, log: dict) -> None:
+    """report.md, metrics.png and the final log.json (rank 0)."""
+    write_report(out / "report.md", log)
+    write_plot(out / "metrics.png", log)
+    write_json(out / "log.json", log)

@@ -1,0 +1,271 @@
+"""The unlearning run as a recipe: ``setup`` (trained parameters, baseline or checkpoint), ``train`` (the tasks,
+one update per epoch until the stop rule), ``save`` (models, report, plot). :func:`unlearn` runs all three.
+
+The recipe holds the state a run carries from step to step; what each step does lives in its own module:
+``params`` (what trains), ``epoch`` (one update), ``evaluation`` (metrics, criterion, stop rule),
+``checkpoint`` (resume), ``outputs`` (files).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _parallel
+from .. import distributed as dist_utils
+from ..data import SequenceSet, UnlearningData
+from ..fused_lm import patch_fused_ihl, unpatch_fused_ihl
+from ..lora import trainable_parameters
+from ..objectives import forget_term
+from ..report import check_plotting, outcome, write_json
+from . import checkpoint, evaluation
+from .config import DTYPES, UnlearnConfig, UnlearnResult
+from .epoch import train_epoch
+from .inputs import check_data, fingerprint, set_name
+from .outputs import export_models, write_documents
+from .params import enable_checkpointing, setup_params
+
+logger = logging.getLogger("fastunlearn.engine")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+class Clock:
+    """Seconds per phase, added into ``log["timings"]`` (a resumed run adds to the interrupted one's)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.before = 0.0  # total_s of the sessions before this one
+
+    def lap(self, timings: dict, key: str) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        timings[key] += seconds
+        timings["total_s"] = self.before + now - self.start
+        return seconds
+
+
+def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, device) -> dict:
+    trainable, total, percent = trainable_parameters(model)
+    return {
+        "status": "running",
+        "config": cfg.to_dict(),
+        "learning_rate": cfg.learning_rate,
+        "data": {
+            "forget": [len(t) for t in tasks],
+            "retain": None if retain is None else len(retain),
+            "heldout": None if heldout is None else len(heldout),
+            "seq_len": tasks[0].seq_len,
+            "fingerprint": fingerprint([*tasks, retain, heldout]),
+        },
+        "model": {
+            "class": type(model).__name__,
+            "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
+            "device": str(device),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": percent,
+        },
+        "criterion": None,
+        "baseline": None,
+        "tasks": [],
+        "success": None,
+        "outputs": None,
+        "resumes": 0,
+        "timings": {"setup_s": 0.0, "baseline_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "export_s": 0.0, "total_s": 0.0},
+    }
+
+
+def check_resume(log: dict, cfg: UnlearnConfig, tasks, retain, heldout) -> None:
+    if log["config"] != cfg.to_dict():
+        diff = sorted(k for k in log["config"] if log["config"][k] != cfg.to_dict().get(k))
+        raise ValueError(f"the checkpoint in out_dir was made with a different config (fields {diff}): cannot resume")
+    if log["data"]["fingerprint"] != fingerprint([*tasks, retain, heldout]):
+        raise ValueError("the checkpoint in out_dir was made with different data: cannot resume")
+
+
+class UnlearnRecipe:
+    """One unlearning run on ``model`` (trained in place), written to ``out_dir``; see :func:`unlearn`."""
+
+    def __init__(self, model: nn.Module, data, config: UnlearnConfig, out_dir: str | Path, *, tokenizer=None,
+                 resume: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> None:  # fmt: skip
+        if not isinstance(config, UnlearnConfig):
+            raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
+        self.model, self.cfg, self.out = model, config, Path(out_dir)
+        self.tokenizer, self.resume, self.on_epoch_end = tokenizer, resume, on_epoch_end
+        self.tasks, self.retain, self.heldout = check_data(data, config)
+        self.process = dist_utils.current()
+        self.clock = Clock()
+        self.log: dict | None = None
+        self.saved: dict | None = None  # the checkpoint's tensors when resuming
+
+    def info(self, *args) -> None:
+        if self.process.is_main:
+            logger.info(*args)
+
+    def write_log(self) -> None:
+        if self.process.is_main:
+            write_json(self.out / "log.json", self.log)
+
+    def lap(self, key: str) -> float:
+        return self.clock.lap(self.log["timings"], key)
+
+    # ---- setup: dtype, trained parameters, seeds; then the baseline (fresh run) or the checkpoint (resume)
+    def setup(self) -> None:
+        cfg, model = self.cfg, self.model
+        check_plotting()
+        self.saved, self.log = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process)
+        if self.log is not None:
+            check_resume(self.log, cfg, self.tasks, self.retain, self.heldout)
+            self.clock.before = self.log["timings"]["total_s"]
+        self.was_training = model.training
+        model.to(DTYPES[cfg.dtype])
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
+        setup_params(model, cfg, self.tasks[0], self.retain, self.saved)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        if self.saved is not None:
+            checkpoint.load_params_and_rng(model, self.saved, self.generator)  # full tensors: before FSDP shards
+        if cfg.fused_ihl:
+            patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
+        self.forget_term = forget_term(cfg.forget_loss, fused=cfg.fused_ihl)
+        self.train_model = _parallel.wrap(model, cfg.parallel, next(model.parameters()).device)
+        self.device = next(model.parameters()).device  # FSDP moves a CPU model to this rank's GPU as it shards
+        self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in shards
+        if self.saved is None:
+            self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.device)
+            self.lap("setup_s")
+            self.log["baseline"], self.log["criterion"] = evaluation.baseline(
+                model, cfg, self.tasks, self.retain, self.heldout
+            )
+            self.lap("baseline_s")
+            self.save_checkpoint(None)  # a resume skips the setup (FILA's Fisher) and the baseline
+        else:
+            self.log["resumes"] += 1
+            self.lap("setup_s")
+        self.write_log()
+        crit, counts = self.log["criterion"], self.log["model"]
+        self.info(
+            "params=%s: %d of %d parameters trainable (%.3f%%), lr %g | criterion (%s): forget MA <= %s, EL_%d <= %s%s",
+            cfg.params, counts["trainable_params"], counts["total_params"], counts["trainable_percent"],
+            cfg.learning_rate, cfg.stop, _fmt(crit["ma"]), cfg.el_n, _fmt(crit["el"]),
+            " | resumed from the checkpoint" if self.saved else "",
+        )  # fmt: skip
+
+    def save_checkpoint(self, optimizer) -> None:
+        checkpoint.save_checkpoint(self.out / "checkpoint", self.model, optimizer, self.generator, self.log)
+
+    # ---- the tasks (one unless continual), each epoch one update, until the stop rule
+    def train(self) -> None:
+        log, cfg = self.log, self.cfg
+        running = len(log["tasks"]) - 1  # the task whose optimizer state the checkpoint holds (-1: none)
+        for k, forget in enumerate(self.tasks):
+            if k < len(log["tasks"]) and log["tasks"][k]["after"] is not None:
+                continue  # finished before the interruption
+            if k == len(log["tasks"]):
+                log["tasks"].append({"task": k, "size": len(forget), "epochs": [], "stop_reason": None,
+                                     "success": None, "after": None})  # fmt: skip
+            optimizer = torch.optim.AdamW(
+                self.params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay
+            )
+            if self.saved is not None and k == running:
+                checkpoint.load_optimizer(self.model, optimizer, self.saved)
+            while log["tasks"][k]["stop_reason"] is None:
+                self.run_epoch(k, forget, optimizer)
+            self.measure_after_task(k, forget)
+
+    def run_epoch(self, k: int, forget: SequenceSet, optimizer) -> None:
+        cfg, task, crit = self.cfg, self.log["tasks"][k], self.log["criterion"]
+        record = {"epoch": len(task["epochs"]) + 1}
+        record.update(train_epoch(self.train_model, self.forget_term, optimizer, self.params, forget, self.retain,
+                                  cfg, self.generator, self.device))  # fmt: skip
+        record["train_s"] = self.lap("train_s")
+        metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"])  # EL only once MA meets its limit
+        record.update(forget_ma=metrics["ma"], forget_el=metrics["el"],
+                      retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg))  # fmt: skip
+        record["criterion_met"] = evaluation.criterion_met(metrics, crit)
+        record["eval_s"] = self.lap("eval_s")
+        task["epochs"].append(record)
+        task["stop_reason"] = evaluation.stop_reason(record, cfg)
+        if task["stop_reason"] is not None:
+            task["success"] = task["stop_reason"].startswith("criterion met")
+        self.info(
+            "%s epoch %d/%d: loss forget %s retain %s | forget MA %s EL_%d %s | criterion %s | %.1f s%s",
+            set_name(k, len(self.tasks)), record["epoch"], cfg.max_epochs, _fmt(record["forget_loss"]),
+            _fmt(record["retain_loss"]), _fmt(record["forget_ma"]), cfg.el_n, _fmt(record["forget_el"]),
+            "met" if record["criterion_met"] else "not met", record["train_s"] + record["eval_s"],
+            f" -> {task['stop_reason']}" if task["stop_reason"] else "",
+        )  # fmt: skip
+        self.save_checkpoint(optimizer)
+        self.write_log()
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(k, record)
+
+    def measure_after_task(self, k: int, forget: SequenceSet) -> None:
+        """Every forget set so far (a later task may undo one), the held-out set; the last epoch already
+        measured this task's set and the retain perplexity on the current weights, unless it skipped EL."""
+        cfg, task, crit = self.cfg, self.log["tasks"][k], self.log["criterion"]
+        last = task["epochs"][-1]  # a task runs at least one epoch
+        after = [evaluation.measure(self.model, t, cfg) for t in self.tasks[:k]]
+        reuse = last["forget_el"] is not None
+        after.append({"ma": last["forget_ma"], "el": last["forget_el"]} if reuse else
+                     evaluation.measure(self.model, forget, cfg))  # fmt: skip
+        task["after"] = {
+            "forget": [{**metrics, "met": evaluation.criterion_met(metrics, crit)} for metrics in after],
+            "heldout": None if self.heldout is None else evaluation.measure(self.model, self.heldout, cfg),
+            "retain_ppl": last["retain_ppl"],
+        }
+        self.lap("eval_s")
+        self.write_log()
+
+    # ---- outputs; the checkpoint goes last, so an interruption before here resumes and finishes
+    def save(self) -> UnlearnResult:
+        log = self.log
+        final = log["tasks"][-1]["after"]["forget"]
+        log["success"] = all(task["success"] for task in log["tasks"]) and all(m["met"] for m in final)
+        log["outputs"] = export_models(self.model, self.cfg, self.out, self.tokenizer)
+        self.lap("export_s")
+        log["status"] = "finished"
+        if self.process.is_main:
+            write_documents(self.out, log)
+            shutil.rmtree(self.out / "checkpoint")
+        dist_utils.barrier()  # every rank returns once the outputs are complete
+        unpatch_fused_ihl(self.model)
+        self.model.train(self.was_training)
+        self.info("%s: %s; outputs in %s", "SUCCESS" if log["success"] else "FAILURE", outcome(log), self.out)
+        return UnlearnResult(self.model, log["success"], log, self.out)
+
+
+def unlearn(
+    model: nn.Module,
+    data: UnlearningData | Sequence[SequenceSet],
+    config: UnlearnConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    resume: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> UnlearnResult:
+    """Unlearn ``data``'s forget set(s) from ``model`` (trained in place) and write the run to ``out_dir``.
+
+    ``data``: an :class:`UnlearningData`; its ``forget`` may be a list of SequenceSets (continual unlearning,
+    e.g. from ``split_tasks``), sharing its retain and held-out sets; or a plain list of forget SequenceSets
+    (no retain or held-out set: needs ``retain_weight=0``, ``params`` other than "fila", ``stop="threshold"``).
+    ``out_dir`` must be empty or missing, unless it holds the checkpoint of an interrupted run and ``resume``
+    (then pass the same, unmodified model, data and config). ``tokenizer`` is saved with the merged model.
+    ``on_epoch_end(task_index, epoch_record)`` runs after each epoch's checkpoint is written.
+    """
+    recipe = UnlearnRecipe(model, data, config, out_dir, tokenizer=tokenizer, resume=resume,
+                           on_epoch_end=on_epoch_end)  # fmt: skip
+    recipe.setup()
+    recipe.train()
+    return recipe.save()
