@@ -109,10 +109,18 @@ def _assert_close_or_none(got: list, expected: list, **tolerance) -> None:
 
 def _assert_same_run(got: dict, expected: dict) -> None:
     """MA and EL within 1e-6 (fractions of tokens: equal); losses, gradient norms, retain perplexity and trained
-    parameters within float rounding grown over a few AdamW updates (the ranks' sums are grouped differently;
-    the baseline, measured before any update, is equal)."""
+    parameters within float rounding grown over a few AdamW updates (the ranks' sums are grouped differently).
+    Nothing here is bit-equal by construction (unlike the Fisher and low-rank cases above, whose compensated sums
+    and fixed per-layer seeds make them so), so every float is compared with a tolerance."""
     got_log, expected_log = (json.loads(bytes(r.pop("log").tolist())) for r in (got, expected))
-    assert got_log["baseline"] == expected_log["baseline"]  # measured sharded, gathered: the same values
+    # the baseline, measured sharded and gathered: MA and EL count argmax hits (equal unless a near-tie flips);
+    # perplexity sums per-sequence NLLs computed in other batches, so only its rounding may differ
+    base, expected_base = got_log["baseline"], expected_log["baseline"]
+    for a, b in zip(
+        [*base["forget"], base["heldout"]], [*expected_base["forget"], expected_base["heldout"]], strict=True
+    ):
+        _assert_close_or_none([a["ma"], a["el"]], [b["ma"], b["el"]], abs=1e-6, rel=0)
+    _assert_close_or_none([base["retain_ppl"]], [expected_base["retain_ppl"]], rel=1e-6)
     assert got_log["success"] == expected_log["success"]
     assert [t["stop_reason"] for t in got_log["tasks"]] == [t["stop_reason"] for t in expected_log["tasks"]]
     metrics = ("forget_ma", "forget_el")
