@@ -41,6 +41,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     from .data import load_unlearning_data
     from .distributed import current, init_from_env
     from .engine import UnlearnConfig, unlearn
+    from .engine.progress import log_to_terminal
 
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
     config = UnlearnConfig(
@@ -51,7 +52,10 @@ def _unlearn(args: argparse.Namespace) -> int:
         ma_threshold=args.ma_threshold, el_threshold=args.el_threshold, dtype=args.dtype, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, fila=fila, eval_retain_ppl=args.retain is not None,
         parallel=args.parallel, fused_ihl=args.fused_ihl,
+        eval_retain_max=args.eval_retain_max or None, fisher_max_examples=args.fisher_max_examples or None,
+        cache_heldout_baseline=not args.no_baseline_cache, eval_heldout_el_after=args.heldout_el_after,
     )  # fmt: skip
+    log_to_terminal()  # the engine's progress lines (INFO) on stderr
     owns_group = not (dist.is_available() and dist.is_initialized())
     device = init_from_env()  # under torchrun: the process group and this rank's GPU
     if args.parallel == "fsdp" and args.params != "fila" and current().distributed:
@@ -207,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards; with --params full or lora "
                         "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip
+    p.add_argument("--eval-retain-max", type=int, default=128, metavar="N",
+                   help="retain perplexity on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
+    p.add_argument("--fisher-max-examples", type=int, default=128, metavar="N",
+                   help="FILA's retain Fisher on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
+    p.add_argument("--no-baseline-cache", action="store_true",
+                   help="measure the held-out set's MA / EL again instead of reading them from the cache "
+                        "($FASTUNLEARN_CACHE_DIR, else ~/.cache/fastunlearn)")  # fmt: skip
+    p.add_argument("--heldout-el-after", action="store_true",
+                   help="after unlearning, measure the held-out set's EL too (costly; MA always)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--out", required=True, help="output directory (an interrupted run there is resumed)")
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .data import SequenceSet, UnlearningData, tokenize_sequences
 from .demo_data import FIRST_NAMES, make_records, person, train_tokenizer
 from .engine import UnlearnConfig, unlearn
+from .engine.cache import cache_root
 from .export import atomic_directory
 from .metrics import evaluate, memorization_accuracy, perplexity
 
@@ -168,11 +169,9 @@ def memorize(cfg: DemoConfig, data: UnlearningData, tokenizer) -> tuple[torch.nn
 def cache_path(cfg: DemoConfig, records: dict[str, list[str]]) -> Path:
     """``<root>/demo-<hash of the memorization settings and the records>``; root: ``cfg.cache_dir``, else
     ``$FASTUNLEARN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastunlearn`` (``~/.cache/fastunlearn``)."""
-    root = cfg.cache_dir or os.environ.get("FASTUNLEARN_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastunlearn"
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     key = json.dumps({"settings": cfg.memorization_settings(), "records": records}, sort_keys=True)
-    return Path(root).expanduser() / f"demo-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return root / f"demo-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _file_hashes(directory: Path) -> dict[str, str]:

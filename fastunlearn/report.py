@@ -36,6 +36,34 @@ def _criterion_text(log: dict) -> str:
     return f"forget MA ≤ {_f(crit['ma'])} and EL_{n} ≤ {_f(crit['el'])} ({source})"
 
 
+def _sample_text(log: dict, key: str) -> str:
+    """How many retain sequences ``log["data"][key]`` counts: on all M, or on a seeded sample of N of M."""
+    used, total = log["data"].get(key), log["data"]["retain"]
+    return (
+        f"on all {total} sequences" if used in (None, total) else f"on a seeded sample of {used} of {total} sequences"
+    )
+
+
+def _fisher_text(log: dict) -> str:
+    if log["config"]["params"] != "fila" or log["data"].get("fisher_retain_sequences") is None:
+        return ""
+    return f"; FILA's retain Fisher {_sample_text(log, 'fisher_retain_sequences')}"
+
+
+def _heldout_notes(log: dict) -> list[str]:
+    """Where the held-out values before came from, and why EL after may be missing."""
+    after, notes = log["tasks"][-1]["after"]["heldout"], []
+    cache = log.get("baseline_cache")
+    if cache is not None:
+        how = "read from" if cache["hit"] else "measured, then stored in"
+        notes.append(f"The held-out set's values before unlearning were {how} the cache ({cache['file']}).")
+    if after is not None and after["el"] is None:
+        n = log["config"]["el_n"]
+        notes.append(f"The held-out set's EL_{n} after unlearning was not measured (–): it costs as much as the one "
+                     "before; eval_heldout_el_after=True (--heldout-el-after) measures it.")  # fmt: skip
+    return ["", " ".join(notes)] if notes else []
+
+
 def outcome(log: dict) -> str:
     """Why a finished run succeeded or failed, one line."""
     if log["success"]:
@@ -71,7 +99,7 @@ def report_markdown(log: dict) -> str:
         f"| model | {' '.join(filter(None, (model['class'], model['name_or_path'])))} in {cfg['dtype']} on "
         f"{model['device']} |",
         f"| data | forget {' + '.join(map(str, log['data']['forget']))}, retain {log['data']['retain']}, held-out "
-        f"{log['data']['heldout']} sequences of {log['data']['seq_len']} tokens |",
+        f"{log['data']['heldout']} sequences of {log['data']['seq_len']} tokens{_fisher_text(log)} |",
         f"| time | {timings['total_s']:.1f} s (training {timings['train_s']:.1f} s, evaluation "
         f"{timings['eval_s'] + timings['baseline_s']:.1f} s, export {timings['export_s']:.1f} s"
         f"{', resumed ' + str(log['resumes']) + ' time(s)' if log['resumes'] else ''}) |",
@@ -85,8 +113,10 @@ def report_markdown(log: dict) -> str:
     for name, b, a in rows:
         met = "" if "met" not in a else "met" if a["met"] else "not met"
         lines.append(f"| {name} | {_f(b['ma'])} | {_f(a['ma'])} | {_f(b['el'])} | {_f(a['el'])} | {met} |")
+    lines += _heldout_notes(log)
     if before["retain_ppl"] is not None:
-        lines += ["", f"Retain perplexity: {before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after."]
+        lines += ["", f"Retain perplexity {_sample_text(log, 'retain_ppl_sequences')} (the retain set trained on): "
+                  f"{before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after."]  # fmt: skip
     for task in log["tasks"]:
         lines += ["", f"## Forget set {task['task'] + 1} ({task['size']} sequences): {task['stop_reason']}", "",
                   f"| epoch | forget loss | micro-batch range | retain loss | grad norm | forget MA | forget EL_{n} "

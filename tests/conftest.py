@@ -34,6 +34,16 @@ def force_impl():
     return _dispatch._force_impl
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Caches (the demo's memorized model, the held-out baseline) go to a temporary directory, never to the
+    user's ~/.cache; session-wide, so module-scoped fixtures' runs use it too (tests that need their own set it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTUNLEARN_CACHE_DIR", str(tmp_path_factory.mktemp("fastunlearn-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

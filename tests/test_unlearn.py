@@ -24,7 +24,7 @@ DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_held
 # a tiny model unlearns in a few updates at a larger learning rate than the paper's; EL_5 fits 16 tokens
 FAST = {"rank": 4, "alpha": 8.0, "lr": 2e-2, "el_n": 5, "micro_batch_size": 2}
 NEVER = {"stop": "threshold", "ma_threshold": 0.0, "el_threshold": 0.0}  # a criterion no epoch meets here
-TIMING_KEYS = ("timings", "resumes")
+TIMING_KEYS = ("timings", "resumes", "baseline_cache")  # how this session ran, not what it found
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

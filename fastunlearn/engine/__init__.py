@@ -18,6 +18,15 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
   per task; FILA is initialized once, from the first task). After each task every forget set so far, the
   held-out set and (if asked) the retain perplexity are measured again. The run succeeds when every task met
   the criterion and every forget set still meets it after the last task.
+- **Evaluation cost** is bounded: the retain perplexity (``eval_retain_ppl``) is measured on one seeded sample
+  of ``eval_retain_max`` (128) retain sequences, the same before, every epoch and after (its own generator,
+  seeded with ``seed``: training is unchanged by it); FILA's retain Fisher uses a seeded sample of
+  ``fisher_max_examples`` (128; the forget set whole); None: every sequence. The held-out set's MA and EL_n
+  before unlearning are cached across runs (``cache_heldout_baseline``; ``engine.cache``: keyed by the model
+  as given, the held-out set, el_n, dtype and device type) and, after a task, its EL is measured only with
+  ``eval_heldout_el_after`` (its MA always). ``log["data"]`` records the sample sizes, ``log["baseline_cache"]``
+  whether the held-out values came from the cache. Long phases log progress lines (elapsed time, ETA) on the
+  ``fastunlearn.engine`` logger, rank 0 only (``engine.progress``; the CLI shows them).
 
 Outputs in ``out_dir``, each written atomically (a reader never sees a partial file): ``log.json`` after
 every epoch, then ``report.md``, ``metrics.png``, ``adapter/`` (PEFT, for lora/fila) and ``merged/`` (a

@@ -47,6 +47,10 @@ class UnlearnConfig:
     gradient_checkpointing: bool = False  # recompute activations during backward (transformers models)
     fila: dict = field(default_factory=dict)  # params="fila": FilaConfig options (fisher_mode, eps, ...) but rank/alpha
     eval_retain_ppl: bool = False  # measure the retain set's perplexity before, after every epoch and task
+    eval_retain_max: int | None = 128  # retain perplexity on a seeded sample of this many sequences (None: all)
+    fisher_max_examples: int | None = 128  # FILA's retain Fisher on a seeded sample of this many (None: all)
+    cache_heldout_baseline: bool = True  # reuse the held-out set's MA / EL before unlearning across runs
+    eval_heldout_el_after: bool = False  # after each task, the held-out set's EL too (MA always; EL costs most)
     eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
     parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
     fused_ihl: bool = False  # forget IHL from the last hidden states: no (B, T, V) logits (transformers LMs)
@@ -68,6 +72,9 @@ class UnlearnConfig:
         for name in ("rank", "max_epochs", "min_epochs", "micro_batch_size", "el_n", "eval_batch_size"):
             if not is_int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_retain_max", "fisher_max_examples"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (every sequence), got {getattr(self, name)!r}")
         if self.min_epochs > self.max_epochs:
             raise ValueError(f"min_epochs must be <= max_epochs ({self.max_epochs}), got {self.min_epochs}")
         if not is_int(self.seed):
@@ -88,7 +95,8 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be a number in [0, 1] with stop='threshold', got {value!r}")
             if self.stop == "heldout" and value is not None:
                 raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
-        for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl"):
+        for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl", "cache_heldout_baseline",
+                     "eval_heldout_el_after"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused_ihl and self.forget_loss != "ihl":

@@ -15,42 +15,75 @@ from .. import _parallel
 from .. import distributed as dist_utils
 from ..data import SequenceSet
 from ..metrics import extraction_likelihood, memorization_accuracy, sequence_nll
+from .cache import HeldoutCache
 from .config import UnlearnConfig
+from .inputs import set_name
+from .progress import Progress, info
 
 
-def per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, model: nn.Module) -> torch.Tensor:
-    """``fn(seqs)`` (N, ...) float64 per sequence. Multi-process: each rank computes its share of the sequences
-    (under FSDP in lockstep, see ``_parallel.lockstep``) and every rank gets all rows."""
+def seeded_sample(seqs: SequenceSet, limit: int | None, seed: int) -> SequenceSet:
+    """``limit`` of the sequences, drawn without replacement by a generator of their own seeded with ``seed`` (the
+    run's data order is untouched) and kept in the set's order; the whole set when ``limit`` is None or >= N."""
+    if limit is None or len(seqs) <= limit:
+        return seqs
+    index = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))[:limit]
+    return seqs[index.sort().values]
+
+
+def ppl_sample(retain: SequenceSet, cfg: UnlearnConfig) -> SequenceSet:
+    """The retain sequences whose perplexity is measured: the same seeded sample before, every epoch and after."""
+    return seeded_sample(retain, cfg.eval_retain_max, cfg.seed)
+
+
+def in_batches(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, size: int, phase: str) -> torch.Tensor:
+    """``fn`` on ``size`` sequences at a time, rows concatenated (N, ...), a progress line as it goes."""
+    progress = Progress(phase, -(-len(seqs) // size))
+    parts = []
+    for lo in range(0, len(seqs), size):
+        parts.append(fn(seqs[lo : lo + size]))
+        progress.step()
+    return torch.cat(parts)
+
+
+def per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, model: nn.Module, cfg: UnlearnConfig,
+                 phase: str) -> torch.Tensor:  # fmt: skip
+    """``fn`` (N, ...) float64 per sequence, ``cfg.eval_batch_size`` sequences per call (progress lines of
+    ``phase``). Multi-process: each rank computes its share of the sequences (under FSDP in lockstep, see
+    ``_parallel.lockstep``) and every rank gets all rows."""
+    size = cfg.eval_batch_size
     process = dist_utils.current()
     if not process.distributed:
-        return fn(seqs)
+        return in_batches(fn, seqs, size, phase)
     index = torch.tensor(dist_utils.owned(len(seqs), process), dtype=torch.int64)
     with _parallel.lockstep(model):
-        local = fn(seqs[index]) if len(index) else torch.zeros(0, dtype=torch.float64)
+        local = in_batches(fn, seqs[index], size, phase) if len(index) else torch.zeros(0, dtype=torch.float64)
     return dist_utils.gather_rows(local, index, len(seqs))
 
 
-def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: float | None = None) -> dict:
-    """{"ma", "el"}: mean MA, and mean EL_n unless ``limit`` is given and MA is above it (then None)."""
+def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: float | None = None, *, el: bool = True,
+            phase: str = "") -> dict:  # fmt: skip
+    """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, or ``limit`` is given and MA is above it (then
+    None). ``phase`` names the set in progress lines ("baseline: held-out set" -> "... MA 3/8 batches")."""
     batch = cfg.eval_batch_size
     ma = per_sequence(
-        lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, batch_size=batch), seqs, model
-    )
+        lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, batch_size=batch),
+        seqs, model, cfg, f"{phase} MA",
+    )  # fmt: skip
     ma = ma.mean().item()
-    if limit is not None and ma > limit:
+    if not el or (limit is not None and ma > limit):
         return {"ma": ma, "el": None}
     el = per_sequence(
         lambda s: extraction_likelihood(
             model, s.input_ids, cfg.el_n, attention_mask=s.attention_mask, batch_size=batch
         ),
-        seqs,
-        model,
-    )
+        seqs, model, cfg, f"{phase} EL_{cfg.el_n}",
+    )  # fmt: skip
     return {"ma": ma, "el": el.mean().item()}
 
 
-def retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig) -> float | None:
-    """Token-weighted perplexity of the retain set (padding removed)."""
+def retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig, phase: str = "") -> float | None:
+    """Token-weighted perplexity (padding removed) of the retain set's ``ppl_sample``; None unless
+    ``cfg.eval_retain_ppl``."""
     if not cfg.eval_retain_ppl:
         return None
 
@@ -59,7 +92,8 @@ def retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig)
         nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size)
         return torch.stack([nll, count.double()], dim=1)
 
-    nll, count = per_sequence(nll_and_count, retain, model).sum(0).tolist()
+    rows = per_sequence(nll_and_count, ppl_sample(retain, cfg), model, cfg, f"{phase} retain perplexity")
+    nll, count = rows.sum(0).tolist()
     return math.exp(nll / count)
 
 
@@ -71,15 +105,28 @@ def finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout) -> tuple[dict, dict]:
-    """(metrics before unlearning, the criterion's limits)."""
-    before = {
-        "forget": [measure(model, t, cfg) for t in tasks],
-        "heldout": None if heldout is None else measure(model, heldout, cfg),
-        "retain_ppl": retain_ppl(model, retain, cfg),
-    }
+def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout,
+             cache: HeldoutCache | None = None) -> tuple[dict, dict, dict | None]:  # fmt: skip
+    """(metrics before unlearning, the criterion's limits, where the held-out values came from). The held-out
+    set's are read from ``cache`` when it holds them, else measured (and stored in it)."""
+    held = cache.load() if cache is not None else None
+    from_cache = held is not None
+    retain_part = ""
+    if cfg.eval_retain_ppl:
+        retain_part = f", retain perplexity on {len(ppl_sample(retain, cfg))} of {len(retain)} sequences"
+    sets = [f"{set_name(k, len(tasks))} ({len(t)} sequences)" for k, t in enumerate(tasks)]
+    if heldout is not None:
+        sets.append(f"held-out set ({len(heldout)} sequences{', from the cache' if from_cache else ''})")
+    info("baseline: MA and EL_%d of %s%s", cfg.el_n, ", ".join(sets), retain_part)
+    forget = [measure(model, t, cfg, phase=f"baseline: {set_name(k, len(tasks))}") for k, t in enumerate(tasks)]
+    if heldout is not None and held is None:
+        held = measure(model, heldout, cfg, phase="baseline: held-out set")
+        if cache is not None:
+            cache.store(held, len(heldout))
+    before = {"forget": forget, "heldout": held, "retain_ppl": retain_ppl(model, retain, cfg, phase="baseline:")}
+    source = None if cache is None else {"hit": from_cache, "file": str(cache.path)}
     limits = before["heldout"] if cfg.stop == "heldout" else {"ma": cfg.ma_threshold, "el": cfg.el_threshold}
-    return before, {"stop": cfg.stop, "ma": limits["ma"], "el": limits["el"]}
+    return before, {"stop": cfg.stop, "ma": limits["ma"], "el": limits["el"]}, source
 
 
 def stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:

@@ -8,23 +8,32 @@ from ..data import SequenceSet
 from ..fila import fila_init
 from ..lora import inject_lora
 from .config import UnlearnConfig
+from .evaluation import seeded_sample
 from .inputs import batch
 
 
 def setup_params(model: nn.Module, cfg: UnlearnConfig, forget: SequenceSet, retain, saved: dict | None) -> None:
-    """Make the trained parameters trainable (and only those). On resume (``saved``), FILA adapters are
-    rebuilt from their saved initial factors instead of recomputing the Fisher information."""
+    """Make the trained parameters trainable (and only those). FILA's Fisher information: of the whole forget
+    set, and of ``fisher_sample(retain, cfg)``. On resume (``saved``), FILA adapters are rebuilt from their
+    saved initial factors instead of recomputing the Fisher information."""
     if cfg.params == "full":
         model.requires_grad_(True)
         return
     fila = cfg.fila_config()
     if cfg.params == "fila" and saved is None:
-        fila_init(model, batch(forget), batch(retain), cfg.targets, fila)
+        fila_init(model, batch(forget), batch(fisher_sample(retain, cfg)), cfg.targets, fila)
         return
     layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, dropout=fila.dropout, use_rslora=fila.use_rslora)
     if cfg.params == "fila":
         for name, layer in layers.items():  # base weight := W0 - scale B0 A0, exactly as fila_init left it
             layer.init_from_factors(saved[f"buffer.{name}.lora_a0"], saved[f"buffer.{name}.lora_b0"])
+
+
+def fisher_sample(retain: SequenceSet, cfg: UnlearnConfig) -> SequenceSet:
+    """The retain sequences of FILA's retain Fisher: a seeded sample of ``cfg.fisher_max_examples`` (each
+    Fisher is a mean over its examples, so the sample estimates the same quantity). The forget set is used
+    whole: it is what the adapters must unlearn, and small."""
+    return seeded_sample(retain, cfg.fisher_max_examples, cfg.seed)
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -24,12 +24,13 @@ from ..fused_lm import patch_fused_ihl, unpatch_fused_ihl
 from ..lora import trainable_parameters
 from ..objectives import forget_term
 from ..report import check_plotting, outcome, write_json
-from . import checkpoint, evaluation
+from . import checkpoint, evaluation, progress
+from .cache import HeldoutCache
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
-from .inputs import check_data, fingerprint, set_name
+from .inputs import check_data, fingerprint, model_fingerprint, set_name
 from .outputs import export_models, write_documents
-from .params import enable_checkpointing, setup_params
+from .params import enable_checkpointing, fisher_sample, setup_params
 
 logger = logging.getLogger("fastunlearn.engine")
 
@@ -65,6 +66,9 @@ def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, device
             "heldout": None if heldout is None else len(heldout),
             "seq_len": tasks[0].seq_len,
             "fingerprint": fingerprint([*tasks, retain, heldout]),
+            # how many retain sequences the perplexity and FILA's retain Fisher use (seeded samples)
+            "retain_ppl_sequences": len(evaluation.ppl_sample(retain, cfg)) if cfg.eval_retain_ppl else None,
+            "fisher_retain_sequences": len(fisher_sample(retain, cfg)) if cfg.params == "fila" else None,
         },
         "model": {
             "class": type(model).__name__,
@@ -76,6 +80,7 @@ def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, device
         },
         "criterion": None,
         "baseline": None,
+        "baseline_cache": None,  # {"hit": the held-out values came from the cache, "file"}; None: not used
         "tasks": [],
         "success": None,
         "outputs": None,
@@ -106,6 +111,7 @@ class UnlearnRecipe:
         self.clock = Clock()
         self.log: dict | None = None
         self.saved: dict | None = None  # the checkpoint's tensors when resuming
+        self.last_train_s: float | None = None  # the last epoch's training time in this session
 
     def info(self, *args) -> None:
         if self.process.is_main:
@@ -128,6 +134,8 @@ class UnlearnRecipe:
             self.clock.before = self.log["timings"]["total_s"]
         self.was_training = model.training
         model.to(DTYPES[cfg.dtype])
+        cached = self.saved is None and cfg.cache_heldout_baseline and self.heldout is not None
+        model_fp = model_fingerprint(model) if cached else None  # the model as given: before any adapter
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
         setup_params(model, cfg, self.tasks[0], self.retain, self.saved)
@@ -144,8 +152,9 @@ class UnlearnRecipe:
         if self.saved is None:
             self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.device)
             self.lap("setup_s")
-            self.log["baseline"], self.log["criterion"] = evaluation.baseline(
-                model, cfg, self.tasks, self.retain, self.heldout
+            cache = HeldoutCache(model_fp, self.heldout, cfg, self.device) if cached else None
+            self.log["baseline"], self.log["criterion"], self.log["baseline_cache"] = evaluation.baseline(
+                model, cfg, self.tasks, self.retain, self.heldout, cache
             )
             self.lap("baseline_s")
             self.save_checkpoint(None)  # a resume skips the setup (FILA's Fisher) and the baseline
@@ -186,12 +195,19 @@ class UnlearnRecipe:
     def run_epoch(self, k: int, forget: SequenceSet, optimizer) -> None:
         cfg, task, crit = self.cfg, self.log["tasks"][k], self.log["criterion"]
         record = {"epoch": len(task["epochs"]) + 1}
+        phase = f"{set_name(k, len(self.tasks))} epoch {record['epoch']}/{cfg.max_epochs}"
+        last_s = self.last_train_s
+        if last_s is None or last_s >= progress.EVERY_S:  # no "epoch e/max:" here: that is the epoch's own line
+            eta = "" if last_s is None else f", ETA {last_s:.0f} s (as the last epoch)"
+            self.info("%s training: %d forget sequences in micro-batches of %d%s", phase, len(forget),
+                      cfg.micro_batch_size, eta)  # fmt: skip
         record.update(train_epoch(self.train_model, self.forget_term, optimizer, self.params, forget, self.retain,
                                   cfg, self.generator, self.device))  # fmt: skip
-        record["train_s"] = self.lap("train_s")
-        metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"])  # EL only once MA meets its limit
+        record["train_s"] = self.last_train_s = self.lap("train_s")
+        phase += " evaluation:"
+        metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it
         record.update(forget_ma=metrics["ma"], forget_el=metrics["el"],
-                      retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg))  # fmt: skip
+                      retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg, phase))  # fmt: skip
         record["criterion_met"] = evaluation.criterion_met(metrics, crit)
         record["eval_s"] = self.lap("eval_s")
         task["epochs"].append(record)
@@ -211,17 +227,24 @@ class UnlearnRecipe:
             self.on_epoch_end(k, record)
 
     def measure_after_task(self, k: int, forget: SequenceSet) -> None:
-        """Every forget set so far (a later task may undo one), the held-out set; the last epoch already
-        measured this task's set and the retain perplexity on the current weights, unless it skipped EL."""
+        """Every forget set so far (a later task may undo one), the held-out set (its EL only if
+        ``eval_heldout_el_after``); the last epoch already measured this task's set and the retain perplexity on
+        the current weights, unless it skipped EL."""
         cfg, task, crit = self.cfg, self.log["tasks"][k], self.log["criterion"]
         last = task["epochs"][-1]  # a task runs at least one epoch
-        after = [evaluation.measure(self.model, t, cfg) for t in self.tasks[:k]]
+        names = [set_name(i, len(self.tasks)) for i in range(k + 1)]
+        after = [evaluation.measure(self.model, t, cfg, phase=f"after {names[k]}: {names[i]}")
+                 for i, t in enumerate(self.tasks[:k])]  # fmt: skip
         reuse = last["forget_el"] is not None
         after.append({"ma": last["forget_ma"], "el": last["forget_el"]} if reuse else
-                     evaluation.measure(self.model, forget, cfg))  # fmt: skip
+                     evaluation.measure(self.model, forget, cfg, phase=f"after {names[k]}: {names[k]}"))  # fmt: skip
+        heldout = None
+        if self.heldout is not None:
+            heldout = evaluation.measure(self.model, self.heldout, cfg, el=cfg.eval_heldout_el_after,
+                                         phase=f"after {names[k]}: held-out set")  # fmt: skip
         task["after"] = {
             "forget": [{**metrics, "met": evaluation.criterion_met(metrics, crit)} for metrics in after],
-            "heldout": None if self.heldout is None else evaluation.measure(self.model, self.heldout, cfg),
+            "heldout": heldout,  # "el": None unless eval_heldout_el_after
             "retain_ppl": last["retain_ppl"],
         }
         self.lap("eval_s")
