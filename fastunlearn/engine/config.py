@@ -50,6 +50,7 @@ class UnlearnConfig:
     eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
     parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
     fused_ihl: bool = False  # forget IHL from the last hidden states: no (B, T, V) logits (transformers LMs)
+    allow_heldout_overlap: bool = False  # accept held-out rows that repeat forget rows (inputs.check_heldout_overlap)
 
     def __post_init__(self) -> None:
         self.targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
@@ -88,7 +89,7 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be a number in [0, 1] with stop='threshold', got {value!r}")
             if self.stop == "heldout" and value is not None:
                 raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
-        for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl"):
+        for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl", "allow_heldout_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused_ihl and self.forget_loss != "ihl":

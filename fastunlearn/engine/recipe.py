@@ -27,7 +27,7 @@ from ..report import check_plotting, outcome, write_json
 from . import checkpoint, evaluation
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
-from .inputs import check_data, fingerprint, set_name
+from .inputs import check_data, check_model, fingerprint, set_name
 from .outputs import export_models, write_documents
 from .params import enable_checkpointing, setup_params
 
@@ -122,6 +122,7 @@ class UnlearnRecipe:
     def setup(self) -> None:
         cfg, model = self.cfg, self.model
         check_plotting()
+        check_model(model, self.tasks, self.retain, self.heldout)  # NaN weights, token ids: before any compute
         self.saved, self.log = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process)
         if self.log is not None:
             check_resume(self.log, cfg, self.tasks, self.retain, self.heldout)
