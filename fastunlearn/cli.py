@@ -305,12 +305,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _error_log(args: argparse.Namespace) -> Path | None:
+def _error_log(args: argparse.Namespace, argv: list[str]) -> Path | None:
     """The traceback of the exception being handled, written to OUT/.fastunlearn/error.log when ``unlearn`` has
     already written to OUT (so no new directory appears where a run never started), else a temporary file;
     None if neither can be written (a full disk). Other ranks of a torchrun launch write error-rank<N>.log."""
     rank = os.environ.get("RANK", "0")
-    text = f"fastunlearn {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    text = f"fastunlearn {' '.join(argv)}\n\n{traceback.format_exc()}"
     out = Path(args.out) if args.command == "unlearn" else None
     if out is not None and out.is_dir() and any(p.name != ".fastunlearn" for p in out.iterdir()):
         try:
@@ -329,21 +329,22 @@ def _error_log(args: argparse.Namespace) -> Path | None:
         return None
 
 
-def _runtime_failure(args: argparse.Namespace, exc: Exception) -> str:
+def _runtime_failure(args: argparse.Namespace, argv: list[str], exc: Exception) -> str:
     """The one line for exit status 3; a full disk names the output being written."""
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-        where = exc.filename or getattr(args, "out", None) or getattr(args, "json", None)
+        where = exc.filename or getattr(args, "out", None) or getattr(args, "json", None) or "the output"
         message = f"{os.strerror(exc.errno)} writing {where}"
         if args.command == "unlearn":
             message += " (free space, then the same command resumes from the last finished epoch)"
     else:
         message = f"{type(exc).__name__}: {_one_line(exc)}"
-    log = _error_log(args)
+    log = _error_log(args, argv)
     return message + (f" (traceback in {log})" if log else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit status (``EXIT_STATUS``)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)  # a usage error exits 2 here (argparse)
     try:
         return args.func(args)
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastunlearn {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a runtime failure: one line, the traceback in a log file
-        print(f"fastunlearn {args.command}: failed: {_runtime_failure(args, exc)}", file=sys.stderr)
+        print(f"fastunlearn {args.command}: failed: {_runtime_failure(args, argv, exc)}", file=sys.stderr)
         return 3
 
 
