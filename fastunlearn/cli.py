@@ -1,14 +1,20 @@
 """The ``fastunlearn`` command line: ``unlearn``, ``eval``, ``demo`` and ``info``.
 
-One function per subcommand; user mistakes (missing files, bad options, a model that does not load) end
-with a one-line message and exit status 2, not a traceback.
+One function per subcommand. Every failure ends with one line on stderr, never a traceback, and the exit
+status ``EXIT_STATUS`` documents: user mistakes (missing files, bad options, a model that does not load) are
+2; anything else (a bug, a full disk) is 3, with the traceback in a log file that the line names.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 EXAMPLES = """examples:
   fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
@@ -20,17 +26,56 @@ EXAMPLES = """examples:
   fastunlearn demo
 """
 
+EXIT_STATUS = """exit status:
+  0    forgotten (unlearn, demo: the criterion was met); done (eval, info)
+  1    not forgotten: the run finished without meeting the criterion (its report says why)
+  2    usage or input error: a bad option, a missing or unreadable file, a model or data that cannot be used
+  3    runtime failure (a bug, a full disk): the traceback is in OUT/.fastunlearn/error.log once unlearn has
+       written to OUT, else in a temporary file; the one line on stderr names it
+  130  interrupted (Ctrl-C); unlearn resumes from its last finished epoch with the same command
+"""
+# Exceptions that mean the input or the environment is wrong (exit 2). Anything else is a runtime failure (3).
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                PermissionError, ImportError)  # fmt: skip
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "merges.txt")  # fmt: skip
+
+
+def _check_model_dir(path: str) -> None:
+    """A local ``--model`` directory holds a transformers model (config.json) and its tokenizer's files."""
+    folder = Path(path)
+    if not folder.exists() and (folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"--model {path}: could not load model: no such directory")
+    if not folder.is_dir():
+        return  # a hub name "org/name", looked up in the HF cache (or online) by from_pretrained
+    if not (folder / "config.json").is_file():
+        what = "is empty, not" if not any(folder.iterdir()) else "is not"
+        raise ValueError(f"--model {path}: the directory {what} a saved transformers model (no config.json)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise ValueError(
+            f"--model {path}: the directory has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it "
+            "there with tokenizer.save_pretrained"
+        )
+
 
 def _load_model(path: str, dtype: str, device=None):
     """(model on ``device``, by default the GPU if there is one; its tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # missing path, no network, no usable tokenizer files
+        raise ValueError(f"--model {path}: could not load model (its tokenizer): {_one_line(exc)}") from exc
+    if len(tokenizer) < 2:  # transformers makes an empty GPT-2 tokenizer when a model has no tokenizer files
+        raise ValueError(f"--model {path}: it has no tokenizer (the one loaded is empty); save it there with "
+                         "tokenizer.save_pretrained")  # fmt: skip
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except OSError as exc:  # missing path, or a hub name with no network
-        raise ValueError(f"could not load model {path!r}: {exc}") from exc
+    except OSError as exc:  # missing weights, or a hub name with no network
+        raise ValueError(f"--model {path}: could not load model: {_one_line(exc)}") from exc
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer
 
 
@@ -51,7 +96,7 @@ def _unlearn(args: argparse.Namespace) -> int:
         stop="threshold" if args.ma_threshold is not None or args.el_threshold is not None else "heldout",
         ma_threshold=args.ma_threshold, el_threshold=args.el_threshold, dtype=args.dtype, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, fila=fila, eval_retain_ppl=args.retain is not None,
-        parallel=args.parallel, fused_ihl=args.fused_ihl,
+        parallel=args.parallel, fused_ihl=args.fused_ihl, allow_heldout_overlap=args.allow_heldout_overlap,
         eval_retain_max=args.eval_retain_max or None, fisher_max_examples=args.fisher_max_examples or None,
         cache_heldout_baseline=not args.no_baseline_cache, eval_heldout_el_after=args.heldout_el_after,
     )  # fmt: skip
@@ -100,6 +145,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--lm-eval-include and --lm-eval-limit need --lm-eval-tasks")
     if tasks and args.json and "lm_eval" in sets:
         raise ValueError("--set name 'lm_eval' is taken by the lm-eval results in --json; rename the set")
+    if args.json:
+        _check_writable_file(args.json, "--json")
     if tasks:
         _check_lm_eval_tasks(tasks, args.lm_eval_include)  # before the model loads
     model, tokenizer = _load_model(args.model, args.dtype)
@@ -126,6 +173,15 @@ def _eval(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """Before any work: ``path`` can be a file written in an existing directory."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file path")
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag} {path}: its directory {target.parent} does not exist")
 
 
 def _check_lm_eval_tasks(tasks: list[str], include: str | None) -> None:
@@ -180,18 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastunlearn",
         description="Make language models forget data: fused Inverted Hinge Loss and FILA (arXiv 2408.06621).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES + "\n" + EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("unlearn", help="make a model forget a data set, measured and saved",
                        description="Unlearn FORGET from MODEL until its extraction likelihood (EL_10) and "
                        "memorization accuracy (MA) fall to the held-out set's level; writes the adapter, the merged "
-                       "model, a JSON log, a Markdown report and a plot to OUT.")  # fmt: skip
+                       "model, a JSON log, a Markdown report and a plot to OUT.",
+                       epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_model_args(p)
     p.add_argument("--forget", required=True, help="text to forget: .txt (one per line), .jsonl, .csv or a dataset")
     p.add_argument("--retain", help="text to keep (retain loss, FILA's retain Fisher, perplexity)")
-    p.add_argument("--heldout", help="similar text the model never saw: its EL / MA are the target")
+    p.add_argument("--heldout", help="similar text the model never saw: its EL / MA are the target (a held-out "
+                   "row that repeats forget text is refused)")  # fmt: skip
+    p.add_argument("--allow-heldout-overlap", action="store_true",
+                   help="accept held-out rows identical to forget rows or sharing >= 90%% of their 8-token n-grams "
+                   "with them (refused by default: the criterion would copy a memorized level)")  # fmt: skip
     p.add_argument("--loss", choices=("ihl", "ga"), default="ihl", help="forget loss (ihl: the paper's)")
     p.add_argument("--no-retain", action="store_true", help="no retain loss (plain GA when --loss ga)")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss (1.0)")
@@ -252,17 +313,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (library messages may span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _error_log(args: argparse.Namespace, argv: list[str]) -> Path | None:
+    """The traceback of the exception being handled, written to OUT/.fastunlearn/error.log when ``unlearn`` has
+    already written to OUT (so no new directory appears where a run never started), else a temporary file;
+    None if neither can be written (a full disk). Other ranks of a torchrun launch write error-rank<N>.log."""
+    rank = os.environ.get("RANK", "0")
+    text = f"fastunlearn {' '.join(argv)}\n\n{traceback.format_exc()}"
+    out = Path(args.out) if args.command == "unlearn" else None
+    if out is not None and out.is_dir() and any(p.name != ".fastunlearn" for p in out.iterdir()):
+        try:
+            path = out / ".fastunlearn" / ("error.log" if rank == "0" else f"error-rank{rank}.log")
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+            return path
+        except OSError:
+            pass
+    try:
+        handle, name = tempfile.mkstemp(prefix="fastunlearn-error-", suffix=".log")
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return None
+
+
+def _runtime_failure(args: argparse.Namespace, argv: list[str], exc: Exception) -> str:
+    """The one line for exit status 3; a full disk names the output being written."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        where = exc.filename or getattr(args, "out", None) or getattr(args, "json", None) or "the output"
+        message = f"{os.strerror(exc.errno)} writing {where}"
+        if args.command == "unlearn":
+            message += " (free space, then the same command resumes from the last finished epoch)"
+    else:
+        message = f"{type(exc).__name__}: {_one_line(exc)}"
+    log = _error_log(args, argv)
+    return message + (f" (traceback in {log})" if log else "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; returns the exit status (``EXIT_STATUS``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)  # a usage error exits 2 here (argparse)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # user mistakes: a message, not a traceback
-        print(f"fastunlearn {args.command}: error: {exc}", file=sys.stderr)
+    except USAGE_ERRORS as exc:  # user mistakes: a message, not a traceback
+        print(f"fastunlearn {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (the same command resumes from the last finished epoch)" if args.command == "unlearn" else ""
         print(f"fastunlearn {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a runtime failure: one line, the traceback in a log file
+        print(f"fastunlearn {args.command}: failed: {_runtime_failure(args, argv, exc)}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

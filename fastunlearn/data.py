@@ -85,6 +85,21 @@ def _read_csv(path: Path, text_field: str, role: str) -> list[str]:
             raise ValueError(f"{role} file {path} is not valid CSV (line {reader.line_num}): {err}") from None
 
 
+def _read_file(path: Path, suffix: str, text_field: str, role: str) -> list[str]:
+    """A .txt / .jsonl / .csv file; errors name it (a directory, unreadable, not UTF-8)."""
+    try:
+        if suffix == ".txt":
+            return _read_txt(path)
+        return _read_jsonl(path, text_field, role) if suffix == ".jsonl" else _read_csv(path, text_field, role)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{role} file {path} is not UTF-8 text ({err.reason}: byte {err.object[err.start]:#04x}); convert it "
+            "to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    except OSError as err:
+        raise ValueError(f"{role} file {path} cannot be read: {err.strerror}") from None
+
+
 def _read_dataset(source: str, text_field: str, split: str, config: str | None, role: str) -> list[str]:
     try:
         import datasets
@@ -135,8 +150,8 @@ def load_texts(
     - a list of strings, returned as a new list after the same checks.
 
     ``role`` names the set in errors ("forget set file not found: ..."). Raises ``FileNotFoundError`` for a
-    missing file, ``ValueError`` for an unsupported extension, a missing field or column (listing those
-    available), a non-string document, or no documents at all.
+    missing file, ``ValueError`` for an unsupported extension, a file that is not UTF-8 or cannot be read, a
+    missing field or column (listing those available), a non-string document, or no documents at all.
     """
     if isinstance(source, (list, tuple)):
         texts = list(source)
@@ -155,12 +170,8 @@ def load_texts(
                 f"{role} file {path} has unsupported extension {path.suffix!r}; "
                 f"expected one of {', '.join(FILE_SUFFIXES)} or a datasets directory"
             )
-        elif suffix == ".txt":
-            texts = _read_txt(path)
-        elif suffix == ".jsonl":
-            texts = _read_jsonl(path, text_field, role)
         else:
-            texts = _read_csv(path, text_field, role)
+            texts = _read_file(path, suffix, text_field, role)
     if not texts:
         raise ValueError(f"{role} is empty: no texts in {'the list' if isinstance(source, (list, tuple)) else source}")
     return texts

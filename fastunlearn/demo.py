@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,6 +204,19 @@ def save_cache(path: Path, cfg: DemoConfig, model: torch.nn.Module, tokenizer, s
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def check_cache_root(root: Path) -> None:
+    """ValueError naming the cache root unless a file can be created in it (made if missing)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"--cache-dir {root}: cannot write the demo's model cache there ({exc.strerror}); choose another with "
+            "--cache-dir or $FASTUNLEARN_CACHE_DIR"
+        ) from None
+
+
 def memorized_model(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[torch.nn.Module, object, dict]:
     """(model, tokenizer, stats with "cache" and "cached") from the cache, else memorized and cached."""
     path = cache_path(cfg, records)
@@ -212,6 +226,7 @@ def memorized_model(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[tor
             return model, tokenizer, {**stats, "cache": str(path), "cached": True}
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, rebuilding fixes it
             print(f"The cache {path} is unusable ({type(exc).__name__}: {exc}); memorizing again.")
+    check_cache_root(path.parent)  # before the tokenizer and the training, not after
     tokenizer = train_tokenizer(cfg.seed, VOCAB_SIZE)
     model, stats = memorize(cfg, tokenize_records(records, tokenizer, cfg.seq_len), tokenizer)
     save_cache(path, cfg, model, tokenizer, stats)

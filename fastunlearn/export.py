@@ -11,7 +11,8 @@ scale is unchanged. Layers without initial factors get zero blocks. Factors are 
 parameter names, loadable with ``AutoModelForCausalLM.from_pretrained``; the live model is not changed.
 
 Both write into a temporary directory next to ``out_dir`` and rename it into place: ``out_dir`` never
-holds a partial export. An existing non-empty ``out_dir`` is replaced only with ``overwrite=True``.
+holds a partial export. An existing non-empty ``out_dir`` is replaced only with ``overwrite=True``. The files
+get the modes a plain ``open`` gives (0644 under umask 022): safetensors writes through a private 0600 file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from torch import nn
 
 from ._atomic import atomic_directory
 from .lora import LoRALinear, lora_layers
+
+
+def _respect_umask(directory: Path) -> None:
+    """chmod every file in ``directory`` to 0666 minus the process umask, as ``open(path, "w")`` would create it.
+    (Reading the umask sets it for an instant: ``os.umask`` is the only portable way to read it.)"""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def _uniform(layers: dict[str, LoRALinear], attr: str):
@@ -98,6 +109,7 @@ def save_peft_adapter(
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _respect_umask(tmp)
     return Path(out_dir)
 
 
@@ -128,4 +140,5 @@ def save_merged_model(model: nn.Module, out_dir: str | os.PathLike, *, overwrite
         state = model.state_dict()
         state.update(merged)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        _respect_umask(tmp)
     return Path(out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 from pathlib import Path
 
 from ._atomic import atomic_write
@@ -22,8 +23,28 @@ def check_plotting() -> None:
         raise ImportError("the metrics plot (metrics.png) needs matplotlib: pip install matplotlib")
 
 
+def non_finite_key(value: object, where: str = "") -> str | None:
+    """The key path (``tasks[0].epochs[1].forget_loss``) of the first NaN / inf float in ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where or '(top level)'} is {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = non_finite_key(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
+
+
 def write_json(path: Path, log: dict) -> None:
-    atomic_write(path, json.dumps(log, indent=2, allow_nan=False) + "\n")
+    """``log`` as JSON; RuntimeError naming the key of a NaN / inf (JSON has none: a run produced one)."""
+    try:
+        text = json.dumps(log, indent=2, allow_nan=False)
+    except ValueError:
+        found = non_finite_key(log)
+        if found is None:
+            raise
+        raise RuntimeError(f"{path}: {found}, which JSON cannot hold; the run produced a non-finite number") from None
+    atomic_write(path, text + "\n")
 
 
 def _f(value: float | None, digits: int = 4) -> str:

@@ -54,6 +54,7 @@ class UnlearnConfig:
     eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
     parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
     fused_ihl: bool = False  # forget IHL from the last hidden states: no (B, T, V) logits (transformers LMs)
+    allow_heldout_overlap: bool = False  # accept held-out rows that repeat forget rows (inputs.check_heldout_overlap)
 
     def __post_init__(self) -> None:
         self.targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
@@ -96,7 +97,7 @@ class UnlearnConfig:
             if self.stop == "heldout" and value is not None:
                 raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
         for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl", "cache_heldout_baseline",
-                     "eval_heldout_el_after"):  # fmt: skip
+                     "eval_heldout_el_after", "allow_heldout_overlap"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused_ihl and self.forget_loss != "ihl":

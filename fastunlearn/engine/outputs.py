@@ -29,10 +29,7 @@ def export_models(model: nn.Module, cfg: UnlearnConfig, out: Path, tokenizer) ->
     if cfg.params != "full":
         save_peft_adapter(model, out / "adapter", overwrite=True)
     with atomic_directory(out / "merged", overwrite=True) as tmp:
-        if cfg.params == "full":
-            model.save_pretrained(tmp)
-        else:
-            save_merged_model(model, tmp, overwrite=True)
+        save_merged_model(model, tmp, overwrite=True)  # with params="full" there is nothing to merge
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return outputs

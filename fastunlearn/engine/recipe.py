@@ -28,7 +28,7 @@ from . import checkpoint, evaluation, progress
 from .cache import HeldoutCache
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
-from .inputs import check_data, fingerprint, model_fingerprint, set_name
+from .inputs import check_data, check_model, fingerprint, model_fingerprint, set_name
 from .outputs import export_models, write_documents
 from .params import enable_checkpointing, fisher_sample, setup_params
 
@@ -128,6 +128,7 @@ class UnlearnRecipe:
     def setup(self) -> None:
         cfg, model = self.cfg, self.model
         check_plotting()
+        check_model(model, self.tasks, self.retain, self.heldout)  # NaN weights, token ids: before any compute
         self.saved, self.log = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process)
         if self.log is not None:
             check_resume(self.log, cfg, self.tasks, self.retain, self.heldout)

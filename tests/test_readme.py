@@ -1,0 +1,120 @@
+"""Every ```python block of README.md runs as written, on a tiny model, in a temporary working directory.
+
+Each block gets a fresh namespace holding only the user's own objects that the README assumes (``model``,
+``tokenizer``, ``forget_ids``, ``data``, ``path``, ...); every library name must be imported by the block
+itself. ``forget.csv``, ``heldout.csv`` and ``wikitext.txt`` are written to the working directory. Only what
+cannot run here is replaced: ``init_from_env`` returns the CPU (no torchrun), and the Hub is off. A block that
+cannot run here at all must be listed in ``NOT_RUN`` with the reason, so a new or broken block fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+NOT_RUN: dict[str, str] = {}  # first line of a block -> why it cannot run in the tests
+WORDS = [f"w{i}" for i in range(60)]
+SEQ_LEN = 12
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _model():
+    """A 2-layer GPT-Neo over the tokenizer's 63 tokens; 256 positions, as the README's seq_len=200 needs."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=64, max_position_embeddings=256, hidden_size=32, num_layers=2, num_heads=2,
+        attention_types=[[["global"], 2]], window_size=256, intermediate_size=64, embed_dropout=0.0,
+        attention_dropout=0.0, resid_dropout=0.0, bos_token_id=2, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return GPTNeoForCausalLM(config).eval()
+
+
+def _line(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture
+def namespace(tmp_path, monkeypatch):
+    """The README's assumed objects, and its files in the working directory."""
+    from fastunlearn import distributed
+    from fastunlearn.data import UnlearningData, tokenize_sequences
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: torch.device("cpu"))
+    rng = random.Random(0)
+    texts = {name: [_line(rng, 20) for _ in range(n)] for name, n in (("forget", 4), ("heldout", 4))}
+    for name, rows in texts.items():
+        with open(f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["text"], *[[row] for row in rows]])
+    Path("wikitext.txt").write_text("\n".join(_line(rng, 40) for _ in range(16)) + "\n")  # 640 words: 3 blocks
+    tokenizer, model = _tokenizer(), _model()
+    model.save_pretrained(tmp_path / "saved-model")
+    tokenizer.save_pretrained(tmp_path / "saved-model")
+    data = UnlearningData(
+        tokenize_sequences(texts["forget"], tokenizer, seq_len=SEQ_LEN, role="forget set"),
+        tokenize_sequences(Path("wikitext.txt").read_text().split("\n")[:-1], tokenizer, seq_len=SEQ_LEN,
+                           mode="pack", role="retain set"),
+        tokenize_sequences(texts["heldout"], tokenizer, seq_len=SEQ_LEN, role="held-out set"),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    n_rows = 6  # logits / hidden rows for the loss examples
+    batches = {
+        name: [{"input_ids": s.input_ids[i : i + 2], "attention_mask": s.attention_mask[i : i + 2]} for i in (0, 2)]
+        for name, s in (("forget", data.forget), ("retain", data.retain))
+    }
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "forget_ids": data.forget.input_ids,
+        "mask": data.forget.attention_mask,
+        "retain_ids": data.retain.input_ids[:4],
+        "logits": torch.randn(n_rows, 64, generator=g, requires_grad=True),
+        "labels": torch.randint(0, 64, (n_rows,), generator=g),
+        "hidden": torch.randn(n_rows, 32, generator=g, requires_grad=True),
+        "data": data,
+        "forget_batches": batches["forget"],
+        "retain_batches": batches["retain"],
+        "path": str(tmp_path / "saved-model"),
+    }
+
+
+def test_readme_has_the_python_blocks_this_file_expects():
+    assert len(BLOCKS) >= 5, "README.md lost python blocks (or this test's pattern no longer finds them)"
+    first_lines = {block.splitlines()[0] for block in BLOCKS}
+    stale = set(NOT_RUN) - first_lines
+    assert not stale, f"NOT_RUN lists blocks that are no longer in README.md: {stale}"
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_readme_python_block_runs(block, namespace):
+    if block.splitlines()[0] in NOT_RUN:
+        pytest.skip(NOT_RUN[block.splitlines()[0]])
+    exec(compile(block, "README.md python block", "exec"), namespace)
+
+
+def test_unlearn_imported_from_the_package_is_the_function():
+    from fastunlearn import UnlearnConfig, unlearn
+    from fastunlearn.engine import recipe
+
+    assert inspect.isfunction(unlearn) and unlearn is recipe.unlearn
+    assert UnlearnConfig().params == "fila"
