@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -129,19 +130,22 @@ def _load_gguf(file: Path, torch_dtype: torch.dtype):
         raise ImportError(f"loading {str(file)!r} needs the {exc.name!r} package: {GGUF_INSTALL}") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"gguf_file": file.name}
+    kwargs = {"gguf_file": str(file.resolve())}
     try:  # transformers >= 5 keeps GGUF blocks packed where it has kernels unless told to dequantize
         from transformers import GgufConfig
 
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # older transformers always dequantizes
         pass
-    try:
-        model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-    except Exception as exc:  # noqa: BLE001 - an unsupported architecture or tokenizer, a truncated file, ...
-        raise ValueError(f"could not load GGUF file {str(file)!r}: {_one_line(exc)}") from exc
+    # From an empty directory: tokenizer or config files next to the GGUF would otherwise win over its metadata.
+    with tempfile.TemporaryDirectory() as empty:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(empty, dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(empty, gguf_file=kwargs["gguf_file"])
+        except Exception as exc:  # noqa: BLE001 - an unsupported architecture or tokenizer, a truncated file, ...
+            raise ValueError(f"could not load GGUF file {str(file)!r}: {_one_line(exc)}") from exc
     _detach_quantizer(model)
+    model.config.name_or_path = tokenizer.name_or_path = str(file)  # not the temporary directory
     return model, tokenizer
 
 

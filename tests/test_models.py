@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_tied_embeddings import is_tied, tiny_llama
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fastunlearn import models
@@ -151,6 +153,20 @@ def test_gguf_model_saves_as_a_plain_checkpoint_that_reloads_identically(gguf_fi
     assert again_tokenizer("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
 
 
+def test_gguf_metadata_wins_over_another_models_files_next_to_it(tmp_path, gguf_file, original):
+    """A GGUF dropped into a model directory: its own config and tokenizer, not the directory's."""
+    tiny_llama(seed=1).save_pretrained(tmp_path)  # vocab 64: another model
+    vocab = {"hello": 0, "world": 1, "[UNK]": 2}
+    foreign = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")))
+    foreign.save_pretrained(tmp_path)
+    (tmp_path / "tiny.gguf").write_bytes(gguf_file.read_bytes())
+    model, tokenizer = load_model(tmp_path / "tiny.gguf", device="cpu")
+    assert len(tokenizer) == len(TOKENS)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("hello")["input_ids"]) == ["hell", "o"]
+    torch.testing.assert_close(logits(model, token_ids()), logits(original, token_ids()), rtol=1e-5, atol=1e-5)
+    assert model.config.name_or_path == str(tmp_path / "tiny.gguf")
+
+
 @pytest.mark.parametrize("package", ["gguf", "accelerate"])
 def test_a_missing_package_names_the_extra_to_install(gguf_file, monkeypatch, package):
     monkeypatch.setitem(sys.modules, package, None)  # import fails as if it were not installed
@@ -169,7 +185,27 @@ def test_a_missing_path(tmp_path):
     assert one_line_naming(exc, path)
 
 
-def test_a_hub_name_not_in_the_cache():
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_a_hub_name_in_the_cache_loads_without_network(hub_cache, gguf_file, original):
+    model, tokenizer = load_model(gguf_file, device="cpu")
+    repo = hub_cache / "models--fastunlearn-tests--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    model.save_pretrained(repo / "snapshots" / ("0" * 40))
+    tokenizer.save_pretrained(repo / "snapshots" / ("0" * 40))
+    cached, _ = load_model("fastunlearn-tests/tiny-llama", device="cpu")
+    torch.testing.assert_close(logits(cached, token_ids()), logits(original, token_ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hub_name_not_in_the_cache(hub_cache):
     with pytest.raises(ValueError, match="Hugging Face cache") as exc:
         load_model("fastunlearn-tests/no-such-model")
     assert one_line_naming(exc, "fastunlearn-tests/no-such-model")
