@@ -38,45 +38,17 @@ EXIT_STATUS = """exit status:
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                 PermissionError, ImportError)  # fmt: skip
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                   "spiece.model", "merges.txt")  # fmt: skip
-
-
-def _check_model_dir(path: str) -> None:
-    """A local ``--model`` directory holds a transformers model (config.json) and its tokenizer's files."""
-    folder = Path(path)
-    if not folder.exists() and (folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"--model {path}: could not load model: no such directory")
-    if not folder.is_dir():
-        return  # a hub name "org/name", looked up in the HF cache (or online) by from_pretrained
-    if not (folder / "config.json").is_file():
-        what = "is empty, not" if not any(folder.iterdir()) else "is not"
-        raise ValueError(f"--model {path}: the directory {what} a saved transformers model (no config.json)")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
-        raise ValueError(
-            f"--model {path}: the directory has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it "
-            "there with tokenizer.save_pretrained"
-        )
 
 
 def _load_model(path: str, dtype: str, device=None):
-    """(model on ``device``, by default the GPU if there is one; its tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model on ``device``, by default the GPU if there is one; its tokenizer): a model directory, a hub name
+    or a ``.gguf`` file (:func:`fastunlearn.models.load_model`); every failure one line naming ``--model``."""
+    from .models import load_model
 
-    _check_model_dir(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:  # missing path, no network, no usable tokenizer files
-        raise ValueError(f"--model {path}: could not load model (its tokenizer): {_one_line(exc)}") from exc
-    if len(tokenizer) < 2:  # transformers makes an empty GPT-2 tokenizer when a model has no tokenizer files
-        raise ValueError(f"--model {path}: it has no tokenizer (the one loaded is empty); save it there with "
-                         "tokenizer.save_pretrained")  # fmt: skip
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except OSError as exc:  # missing weights, or a hub name with no network
-        raise ValueError(f"--model {path}: could not load model: {_one_line(exc)}") from exc
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer
+        return load_model(path, dtype, device)
+    except (ValueError, ImportError) as exc:  # ImportError: the gguf extra is missing
+        raise ValueError(f"--model {path}: {exc}") from None
 
 
 def _unlearn(args: argparse.Namespace) -> int:

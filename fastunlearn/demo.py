@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from .data import SequenceSet, UnlearningData, tokenize_sequences
 from .demo_data import FIRST_NAMES, make_records, person, train_tokenizer
 from .engine import UnlearnConfig, unlearn
-from .engine.cache import cache_root
 from .export import atomic_directory
 from .metrics import evaluate, memorization_accuracy, perplexity
+from .models import cache_root
 
 VOCAB_SIZE = 1024  # BPE tokens: whole names and words are single tokens
 MAX_SEQ_LEN = 32  # records are longer (34+ tokens over 60 seeds), so no sequence is padded
@@ -170,7 +170,7 @@ def memorize(cfg: DemoConfig, data: UnlearningData, tokenizer) -> tuple[torch.nn
 def cache_path(cfg: DemoConfig, records: dict[str, list[str]]) -> Path:
     """``<root>/demo-<hash of the memorization settings and the records>``; root: ``cfg.cache_dir``, else
     ``$FASTUNLEARN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastunlearn`` (``~/.cache/fastunlearn``)."""
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
+    root = cache_root(cfg.cache_dir)
     key = json.dumps({"settings": cfg.memorization_settings(), "records": records}, sort_keys=True)
     return root / f"demo-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 

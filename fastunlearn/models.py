@@ -4,7 +4,7 @@ or a llama.cpp ``.gguf`` file; and one real small pretrained LM for end-to-end c
 ``load_model(path)`` accepts
 
 * a directory written by ``save_pretrained`` (``config.json``, weights, tokenizer files);
-* a hub name (``org/name``) whose files are already in the Hugging Face cache (nothing is downloaded);
+* a hub name (``org/name``): from the Hugging Face cache, else from the hub when it is reachable;
 * a ``.gguf`` file: every tensor is dequantized (``W = d * q + m`` per block for Q4_1) into the asked dtype, the
   tokenizer is rebuilt from the file's ``tokenizer.ggml.*`` metadata, and the GGUF quantizer is detached, so the
   model trains like any dense one and ``save_pretrained`` writes a plain safetensors checkpoint.
@@ -34,7 +34,9 @@ import torch
 from ._atomic import atomic_directory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # save_pretrained writes both
+# Any of these in a model directory means it has a tokenizer (fast, slow, SentencePiece, word-piece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "merges.txt")  # fmt: skip
 GGUF_MAGIC = b"GGUF"
 GGUF_INSTALL = 'pip install "fastunlearn[gguf]"'
 
@@ -60,15 +62,18 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", de
     """(model in eval mode on ``device``, tokenizer) from a model directory, a cached hub name or a ``.gguf`` file.
 
     ``dtype``: "float32", "float16", "bfloat16" or a torch dtype. ``device``: by default the GPU if there is one.
-    Nothing is downloaded. Raises ValueError (one line naming ``path``) for anything that is not a loadable model.
+    A hub name is read from the Hugging Face cache, else downloaded when the hub is reachable. Raises ValueError
+    (one line naming ``path``) for anything that is not a loadable model.
     """
     torch_dtype = _torch_dtype(dtype)
-    source = Path(os.fspath(path)).expanduser()
+    name = os.fspath(path)
+    source = Path(name).expanduser()
     if source.is_file():
         model, tokenizer = _load_gguf(source, torch_dtype)
+    elif source.is_dir():
+        model, tokenizer = _load_directory(source, torch_dtype)
     else:
-        directory = source if source.is_dir() else _cached_snapshot(os.fspath(path))
-        model, tokenizer = _load_directory(directory, torch_dtype)
+        model, tokenizer = _load_hub(name, torch_dtype)
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
 
 
@@ -80,39 +85,52 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def _cached_snapshot(name: str) -> Path:
-    """The snapshot directory of hub model ``name`` in the Hugging Face cache; ValueError if it is not there."""
+def _looks_like_a_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def _load_hub(name: str, torch_dtype: torch.dtype):
+    """A hub model: its snapshot in the Hugging Face cache, else the hub itself (ValueError if neither has it)."""
     from huggingface_hub import try_to_load_from_cache
 
+    if _looks_like_a_path(name):
+        raise ValueError(f"could not load model {name!r}: no such file or directory")
     try:
         config = try_to_load_from_cache(name, "config.json")
-    except Exception:  # noqa: BLE001 - not a valid repo id (e.g. "./dir"): it can only have been a path
-        config = None
-    if not isinstance(config, str):
+    except Exception:  # noqa: BLE001 - not a valid repo id: it can only have been a path
+        raise ValueError(f"could not load model {name!r}: not a file, a directory or a hub model name") from None
+    if isinstance(config, str):
+        return _load_directory(Path(config).parent, torch_dtype)
+    return _from_pretrained(name, torch_dtype, where="(not in the Hugging Face cache, and the hub did not provide it)")
+
+
+def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, where: str = ""):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers says, the user gets it on one line
         raise ValueError(
-            f"model {name!r} does not exist (not a file, a directory or a model in the Hugging Face cache)"
-        )
-    return Path(config).parent
+            f"could not load model {str(source)!r}{' ' + where if where else ''}: {_one_line(exc)}"
+        ) from exc
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when a model has no usable tokenizer files
+        raise ValueError(f"model {str(source)!r} has no tokenizer (the one loaded is empty): save it with the model")
+    return model, tokenizer
 
 
 def _load_directory(directory: Path, torch_dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not (directory / "config.json").is_file():
         ggufs = sorted(p.name for p in directory.glob("*.gguf"))
         hint = f" (pass the .gguf file itself: {directory / ggufs[0]})" if ggufs else ""
-        raise ValueError(f"model directory {str(directory)!r} has no config.json{hint}")
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        what = "is empty: no" if not any(directory.iterdir()) else "has no"
+        raise ValueError(f"model directory {str(directory)!r} {what} config.json{hint}")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
         raise ValueError(
-            f"model directory {str(directory)!r} has no tokenizer files ({' / '.join(TOKENIZER_FILES)}): "
-            "save the tokenizer with the model"
+            f"model directory {str(directory)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it "
+            "there with tokenizer.save_pretrained"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
-    except Exception as exc:  # noqa: BLE001 - whatever transformers says, the user gets it on one line
-        raise ValueError(f"could not load model {str(directory)!r}: {_one_line(exc)}") from exc
-    return model, tokenizer
+    return _from_pretrained(directory, torch_dtype)
 
 
 def _load_gguf(file: Path, torch_dtype: torch.dtype):

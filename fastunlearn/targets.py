@@ -76,4 +76,22 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> dict[str, nn
             f"targets {list(patterns)} match no nn.Linear or Conv1D layer of {type(model).__name__}; "
             f"its linear layers are named {sorted(set(linear))}"
         )
+    owners = weight_owners(model)
+    for name, module in found.items():
+        others = [owner for owner in owners[id(module.weight)] if owner != name]
+        if others:
+            raise ValueError(
+                f"target layer {name!r} shares its weight with {others[0]!r} (tied embeddings): an adapter, "
+                f"FILA's weight update or its Fisher would act on both; leave {name!r} out of the targets"
+            )
     return found
+
+
+def weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight parameter) -> names of the modules holding it as their own ``weight`` (two or more: tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    return owners

@@ -1,7 +1,6 @@
 """Tied input/output embeddings (Llama with tie_word_embeddings=True: ``lm_head.weight is
 model.embed_tokens.weight``, as in SmolLM2, Gemma, Qwen2-0.5B) through every path of the library: targets,
-Fisher, FILA, the fused IHL, both exports and full-parameter unlearning. A path that is known to be wrong on
-a tied model is marked xfail(strict=True) with the reason, so fixing it turns the mark into a failure."""
+Fisher, FILA, the fused IHL, both exports and full-parameter unlearning."""
 
 from __future__ import annotations
 
@@ -99,11 +98,6 @@ TIED_PATTERN_ENTRY_POINTS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_targets accepts lm_head although its weight is the input embedding: an adapter on it, FILA's "
-    "in-place W0 - sBA, or its Fisher (only the output use's gradient) would silently act on both",
-)
 @pytest.mark.parametrize("entry", list(TIED_PATTERN_ENTRY_POINTS))
 def test_a_pattern_that_hits_a_tied_weight_is_refused_naming_it(entry):
     model = tiny_llama()

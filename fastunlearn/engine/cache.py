@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from .. import __version__
 from .. import distributed as dist_utils
 from .._atomic import atomic_write
 from ..data import SequenceSet
+from ..models import cache_root
 from .config import UnlearnConfig
 from .inputs import fingerprint
 
@@ -36,14 +36,6 @@ logger = logging.getLogger("fastunlearn.engine")
 FORMAT = 1  # bump when a cached file changes meaning
 SUBDIR = "heldout-baseline"
 _warned: set[Path] = set()  # unwritable cache directories already warned about (once per process)
-
-
-def cache_root() -> Path:
-    """``$FASTUNLEARN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastunlearn``, else ``~/.cache/fastunlearn``."""
-    root = os.environ.get("FASTUNLEARN_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastunlearn"
-    return Path(root).expanduser()
 
 
 class HeldoutCache:
