@@ -9,7 +9,6 @@ The recipe holds the state a run carries from step to step; what each step does 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..fused_lm import patch_fused_ihl, unpatch_fused_ihl
 from ..lora import trainable_parameters
 from ..objectives import forget_term
 from ..report import check_plotting, outcome, write_json
-from . import checkpoint, evaluation
+from . import checkpoint, evaluation, outdir
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
 from .inputs import check_data, fingerprint, set_name
@@ -93,7 +92,8 @@ def check_resume(log: dict, cfg: UnlearnConfig, tasks, retain, heldout) -> None:
 
 
 class UnlearnRecipe:
-    """One unlearning run on ``model`` (trained in place), written to ``out_dir``; see :func:`unlearn`."""
+    """One unlearning run on ``model`` (trained in place), written to ``out_dir``; see :func:`unlearn`, which
+    calls ``setup``, ``train``, ``save`` and, however they end, ``close`` (releases ``out_dir``)."""
 
     def __init__(self, model: nn.Module, data, config: UnlearnConfig, out_dir: str | Path, *, tokenizer=None,
                  resume: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> None:  # fmt: skip
@@ -106,6 +106,8 @@ class UnlearnRecipe:
         self.clock = Clock()
         self.log: dict | None = None
         self.saved: dict | None = None  # the checkpoint's tensors when resuming
+        self.lock = None  # rank 0's hold on out_dir, from setup to close
+        self.fingerprint: str | None = None  # model_fingerprint of the model as given (rank 0), in each checkpoint
 
     def info(self, *args) -> None:
         if self.process.is_main:
@@ -122,7 +124,9 @@ class UnlearnRecipe:
     def setup(self) -> None:
         cfg, model = self.cfg, self.model
         check_plotting()
-        self.saved, self.log = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process)
+        prepared = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process, model)
+        self.lock, self.fingerprint = prepared.lock, prepared.fingerprint  # rank 0's
+        self.saved, self.log = prepared.saved, prepared.log
         if self.log is not None:
             check_resume(self.log, cfg, self.tasks, self.retain, self.heldout)
             self.clock.before = self.log["timings"]["total_s"]
@@ -162,7 +166,7 @@ class UnlearnRecipe:
         )  # fmt: skip
 
     def save_checkpoint(self, optimizer) -> None:
-        checkpoint.save_checkpoint(self.out / "checkpoint", self.model, optimizer, self.generator, self.log)
+        checkpoint.save_checkpoint(self.out, self.model, optimizer, self.generator, self.log, self.fingerprint)
 
     # ---- the tasks (one unless continual), each epoch one update, until the stop rule
     def train(self) -> None:
@@ -237,12 +241,20 @@ class UnlearnRecipe:
         log["status"] = "finished"
         if self.process.is_main:
             write_documents(self.out, log)
-            shutil.rmtree(self.out / "checkpoint")
+            checkpoint.remove_checkpoints(self.out)
+            outdir.remove_private(self.out)
         dist_utils.barrier()  # every rank returns once the outputs are complete
+        self.close()
         unpatch_fused_ihl(self.model)
         self.model.train(self.was_training)
         self.info("%s: %s; outputs in %s", "SUCCESS" if log["success"] else "FAILURE", outcome(log), self.out)
         return UnlearnResult(self.model, log["success"], log, self.out)
+
+    def close(self) -> None:
+        """Release out_dir (rank 0's lock); :func:`unlearn` calls it however the run ends."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def unlearn(
@@ -261,11 +273,16 @@ def unlearn(
     e.g. from ``split_tasks``), sharing its retain and held-out sets; or a plain list of forget SequenceSets
     (no retain or held-out set: needs ``retain_weight=0``, ``params`` other than "fila", ``stop="threshold"``).
     ``out_dir`` must be empty or missing, unless it holds the checkpoint of an interrupted run and ``resume``
-    (then pass the same, unmodified model, data and config). ``tokenizer`` is saved with the merged model.
+    (then pass the same, unmodified model, data and config: each is checked); it is locked while the run
+    lasts. Refusals are one-line errors (``outdir.OutDirError``, ``checkpoint.CheckpointError``, ValueError)
+    raised before any compute. ``tokenizer`` is saved with the merged model.
     ``on_epoch_end(task_index, epoch_record)`` runs after each epoch's checkpoint is written.
     """
     recipe = UnlearnRecipe(model, data, config, out_dir, tokenizer=tokenizer, resume=resume,
                            on_epoch_end=on_epoch_end)  # fmt: skip
-    recipe.setup()
-    recipe.train()
-    return recipe.save()
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.save()
+    finally:
+        recipe.close()
