@@ -316,13 +316,13 @@ def run_once(memorized: Path, data: Data, scale: Scale, method: Method, forget_s
     from transformers import GPTNeoForCausalLM
 
     from fastunlearn.data import UnlearningData
-    from fastunlearn.engine import UnlearnConfig, unlearn
+    from fastunlearn.engine import UnlearnConfig, checkpoint, unlearn
     from fastunlearn.report import write_json
 
     summary_path = out / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
-    if out.exists() and not (out / "checkpoint").is_dir():
+    if out.exists() and not checkpoint.has_checkpoint(out):
         shutil.rmtree(out)  # a run finished but not summarized: redo it
     config = UnlearnConfig(
         forget_loss=method.forget_loss, retain_weight=method.retain_weight, params=method.params, rank=scale.rank,

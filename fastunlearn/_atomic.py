@@ -1,7 +1,11 @@
 """Atomic file output: a reader, or a run killed at any instant, never sees a partial file or directory.
 
-Everything is first written under a temporary name next to its target (``TEMPORARY``: ``.NAME.tmp-HEX``)
-and renamed into place with ``os.replace``. ``remove_stale_temporaries`` clears what a killed writer left.
+Everything is first written under a temporary name (``.NAME.tmp-HEX``) and renamed into place with
+``os.replace``. The temporary lives in the target's folder (the same file system, so the rename is atomic),
+or, when that folder is a run directory (it holds the run's own folder ``PRIVATE``, see
+``fastunlearn.engine.outdir``), in ``PRIVATE/tmp/``: what a killed writer left there is the run's to remove,
+and nothing next to the user's files ever is. ``durable=True`` also fsyncs the data and the folder before
+and after the rename, so the new file survives a power loss, not only a killed process.
 """
 
 from __future__ import annotations
@@ -13,32 +17,63 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-TEMPORARY = ".*.tmp-*"  # the names atomic_write and atomic_directory write to before renaming
+PRIVATE = ".fastunlearn"  # a run directory's own folder: marker, lock, checkpoints, temporaries (engine.outdir)
+SCRATCH = "tmp"  # PRIVATE's folder of temporaries
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+def scratch_for(target: Path) -> Path:
+    """The folder ``target``'s temporary is written in: ``PRIVATE/tmp/`` of a run directory (target in the
+    run directory or in its ``PRIVATE``), else target's own folder."""
+    parent = target.parent
+    private = parent if parent.name == PRIVATE else parent / PRIVATE
+    if not private.is_dir():
+        return parent
+    scratch = private / SCRATCH
+    scratch.mkdir(exist_ok=True)
+    return scratch
+
+
+def write_file(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` (created or truncated; not atomic: for files inside a temporary directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = scratch_for(path) / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        write_file(tmp, data.encode() if isinstance(data, str) else data, durable)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful rename
 
 
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Remove the temporary files and directories an interrupted run left in ``out_dir`` (if it exists)."""
-    for stale in out_dir.glob(TEMPORARY) if out_dir.is_dir() else ():
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-
-
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory next to ``out_dir`` that becomes ``out_dir`` when the block succeeds.
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, durable: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``out_dir`` when the block succeeds.
 
-    On an exception the temporary directory is removed and ``out_dir`` is left as it was.
+    On an exception the temporary directory is removed and ``out_dir`` is left as it was. ``durable``: every
+    file and folder written is fsynced before the rename, and ``out_dir``'s parent after it.
     """
     target = Path(os.path.abspath(out_dir))
     if target.exists():
@@ -47,10 +82,15 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         if not overwrite and any(target.iterdir()):
             raise FileExistsError(f"out_dir {str(target)!r} is not empty (pass overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = scratch_for(target) / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
         yield tmp
+        if durable:
+            for folder, _, files in os.walk(tmp, topdown=False):
+                for name in files:
+                    fsync_path(Path(folder) / name)
+                fsync_path(Path(folder))
         if target.exists():  # empty, or overwrite: set it aside until the new one is in place
             old = tmp.with_name(tmp.name + "-old")
             os.replace(target, old)
@@ -62,5 +102,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
+        if durable:
+            fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename

@@ -291,15 +291,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _error_log(args: argparse.Namespace, argv: list[str]) -> Path | None:
-    """The traceback of the exception being handled, written to OUT/.fastunlearn/error.log when ``unlearn`` has
-    already written to OUT (so no new directory appears where a run never started), else a temporary file;
+    """The traceback of the exception being handled, written to OUT/.fastunlearn/error.log when OUT is a run's
+    directory (so nothing is written where a run never started, nor into a user's directory), else a temporary file;
     None if neither can be written (a full disk). Other ranks of a torchrun launch write error-rank<N>.log."""
+    from ._atomic import PRIVATE
+    from .engine.outdir import is_run_dir
+
     rank = os.environ.get("RANK", "0")
     text = f"fastunlearn {' '.join(argv)}\n\n{traceback.format_exc()}"
     out = Path(args.out) if args.command == "unlearn" else None
-    if out is not None and out.is_dir() and any(p.name != ".fastunlearn" for p in out.iterdir()):
+    if out is not None and out.is_dir() and is_run_dir(out):
         try:
-            path = out / ".fastunlearn" / ("error.log" if rank == "0" else f"error-rank{rank}.log")
+            path = out / PRIVATE / ("error.log" if rank == "0" else f"error-rank{rank}.log")
             path.parent.mkdir(exist_ok=True)
             path.write_text(text)
             return path

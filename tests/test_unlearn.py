@@ -284,8 +284,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(continual, memorize
 
     with pytest.raises(Interrupt):  # in the middle of the first task
         unlearn(copy.deepcopy(base), tasks, UnlearnConfig(**CONTINUAL), out, on_epoch_end=stop_at(0, 2))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "log.json"]  # no final output yet
-    assert sorted(p.suffix for p in (out / "checkpoint").iterdir()) == [".json", ".safetensors"]  # no pickle
+    assert sorted(p.name for p in out.iterdir()) == [".fastunlearn", "log.json"]  # no final output yet
+    (version,) = (out / ".fastunlearn").glob("checkpoint-*")  # the pointer's, the older ones removed
+    assert sorted(p.suffix for p in version.iterdir()) == [".json", ".json", ".safetensors"]  # no pickle
     assert len(json.loads((out / "log.json").read_text())["tasks"][0]["epochs"]) == 2
     with pytest.raises(FileExistsError, match="pass resume=True"):
         unlearn(copy.deepcopy(base), tasks, UnlearnConfig(**CONTINUAL), out, resume=False)
@@ -299,7 +300,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(continual, memorize
     expected = reference.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
-    assert not (out / "checkpoint").exists()
+    assert not (out / ".fastunlearn").exists()  # the run's folder (the checkpoint) goes when it finishes
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,11 +30,17 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
 
 Outputs in ``out_dir``, each written atomically (a reader never sees a partial file): ``log.json`` after
 every epoch, then ``report.md``, ``metrics.png``, ``adapter/`` (PEFT, for lora/fila) and ``merged/`` (a
-transformers model; with the tokenizer if given). ``checkpoint/`` is rewritten after the setup and after
-every epoch: trainable tensors, AdamW state and RNG states in safetensors, the log (epoch, metrics) in JSON;
-no pickle. Called again with the same arguments on an unmodified copy of the model, an interrupted run
-continues from its last finished epoch and ends as an uninterrupted one would (bit-equal on CPU; on CUDA up
-to nondeterministic kernels). The checkpoint is removed when the run finishes.
+transformers model; with the tokenizer if given). Everything else lives in the run's own folder
+``out_dir/.fastunlearn/`` (``outdir``): a marker, a lock held for the whole run (a second run on the same
+``out_dir`` fails at once), the write temporaries, and the checkpoint (``checkpoint``): a new version after
+the setup and after every epoch (trainable tensors, AdamW state and RNG states in safetensors, the log in
+JSON, a manifest with each file's sha256 and the model's fingerprint; no pickle), made current by an
+atomically replaced pointer, so a kill at any instant leaves a complete one. ``out_dir`` must be missing,
+empty or a run's; a run deletes nothing outside ``.fastunlearn/``. Called again with the same arguments on an
+unmodified copy of the model, an interrupted run continues from its last finished epoch and ends as an
+uninterrupted one would (bit-equal on CPU; on CUDA up to nondeterministic kernels); a corrupt checkpoint,
+another model, config or data is a one-line error. The checkpoint is removed when the run finishes (the
+marker and the lock file stay).
 
 **Multi-process** (a ``torch.distributed`` process group is initialized, e.g. under ``torchrun``; every rank
 calls ``unlearn`` with the same arguments and its own copy of the model on its own device): FILA's Fisher

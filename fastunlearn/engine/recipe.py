@@ -9,7 +9,6 @@ The recipe holds the state a run carries from step to step; what each step does 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,11 +23,11 @@ from ..fused_lm import patch_fused_ihl, unpatch_fused_ihl
 from ..lora import trainable_parameters
 from ..objectives import forget_term
 from ..report import check_plotting, outcome, write_json
-from . import checkpoint, evaluation, progress
+from . import checkpoint, evaluation, outdir, progress
 from .cache import HeldoutCache
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
-from .inputs import check_data, check_model, fingerprint, model_fingerprint, set_name
+from .inputs import check_data, check_model, fingerprint, set_name
 from .outputs import export_models, write_documents
 from .params import enable_checkpointing, fisher_sample, setup_params
 
@@ -98,7 +97,8 @@ def check_resume(log: dict, cfg: UnlearnConfig, tasks, retain, heldout) -> None:
 
 
 class UnlearnRecipe:
-    """One unlearning run on ``model`` (trained in place), written to ``out_dir``; see :func:`unlearn`."""
+    """One unlearning run on ``model`` (trained in place), written to ``out_dir``; see :func:`unlearn`, which
+    calls ``setup``, ``train``, ``save`` and, however they end, ``close`` (releases ``out_dir``)."""
 
     def __init__(self, model: nn.Module, data, config: UnlearnConfig, out_dir: str | Path, *, tokenizer=None,
                  resume: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> None:  # fmt: skip
@@ -112,6 +112,8 @@ class UnlearnRecipe:
         self.log: dict | None = None
         self.saved: dict | None = None  # the checkpoint's tensors when resuming
         self.last_train_s: float | None = None  # the last epoch's training time in this session
+        self.lock = None  # rank 0's hold on out_dir, from setup to close
+        self.fingerprint: str | None = None  # model_fingerprint of the model as given (rank 0), in each checkpoint
 
     def info(self, *args) -> None:
         if self.process.is_main:
@@ -129,14 +131,15 @@ class UnlearnRecipe:
         cfg, model = self.cfg, self.model
         check_plotting()
         check_model(model, self.tasks, self.retain, self.heldout)  # NaN weights, token ids: before any compute
-        self.saved, self.log = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process)
+        prepared = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process, model)
+        self.lock, self.fingerprint = prepared.lock, prepared.fingerprint  # rank 0's
+        self.saved, self.log = prepared.saved, prepared.log
         if self.log is not None:
             check_resume(self.log, cfg, self.tasks, self.retain, self.heldout)
             self.clock.before = self.log["timings"]["total_s"]
         self.was_training = model.training
         model.to(DTYPES[cfg.dtype])
         cached = self.saved is None and cfg.cache_heldout_baseline and self.heldout is not None
-        model_fp = model_fingerprint(model) if cached else None  # the model as given: before any adapter
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
         setup_params(model, cfg, self.tasks[0], self.retain, self.saved)
@@ -153,7 +156,7 @@ class UnlearnRecipe:
         if self.saved is None:
             self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.device)
             self.lap("setup_s")
-            cache = HeldoutCache(model_fp, self.heldout, cfg, self.device) if cached else None
+            cache = HeldoutCache(self.fingerprint, self.heldout, cfg, self.device) if cached else None
             self.log["baseline"], self.log["criterion"], self.log["baseline_cache"] = evaluation.baseline(
                 model, cfg, self.tasks, self.retain, self.heldout, cache
             )
@@ -172,7 +175,7 @@ class UnlearnRecipe:
         )  # fmt: skip
 
     def save_checkpoint(self, optimizer) -> None:
-        checkpoint.save_checkpoint(self.out / "checkpoint", self.model, optimizer, self.generator, self.log)
+        checkpoint.save_checkpoint(self.out, self.model, optimizer, self.generator, self.log, self.fingerprint)
 
     # ---- the tasks (one unless continual), each epoch one update, until the stop rule
     def train(self) -> None:
@@ -261,12 +264,20 @@ class UnlearnRecipe:
         log["status"] = "finished"
         if self.process.is_main:
             write_documents(self.out, log)
-            shutil.rmtree(self.out / "checkpoint")
+            checkpoint.remove_checkpoints(self.out)
+            outdir.remove_private(self.out)
         dist_utils.barrier()  # every rank returns once the outputs are complete
+        self.close()
         unpatch_fused_ihl(self.model)
         self.model.train(self.was_training)
         self.info("%s: %s; outputs in %s", "SUCCESS" if log["success"] else "FAILURE", outcome(log), self.out)
         return UnlearnResult(self.model, log["success"], log, self.out)
+
+    def close(self) -> None:
+        """Release out_dir (rank 0's lock); :func:`unlearn` calls it however the run ends."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def unlearn(
@@ -285,11 +296,16 @@ def unlearn(
     e.g. from ``split_tasks``), sharing its retain and held-out sets; or a plain list of forget SequenceSets
     (no retain or held-out set: needs ``retain_weight=0``, ``params`` other than "fila", ``stop="threshold"``).
     ``out_dir`` must be empty or missing, unless it holds the checkpoint of an interrupted run and ``resume``
-    (then pass the same, unmodified model, data and config). ``tokenizer`` is saved with the merged model.
+    (then pass the same, unmodified model, data and config: each is checked); it is locked while the run
+    lasts. Refusals are one-line errors (``outdir.OutDirError``, ``checkpoint.CheckpointError``, ValueError)
+    raised before any compute. ``tokenizer`` is saved with the merged model.
     ``on_epoch_end(task_index, epoch_record)`` runs after each epoch's checkpoint is written.
     """
     recipe = UnlearnRecipe(model, data, config, out_dir, tokenizer=tokenizer, resume=resume,
                            on_epoch_end=on_epoch_end)  # fmt: skip
-    recipe.setup()
-    recipe.train()
-    return recipe.save()
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.save()
+    finally:
+        recipe.close()
