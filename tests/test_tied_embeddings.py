@@ -21,7 +21,7 @@ from fastunlearn import (
     shift_causal,
 )
 from fastunlearn.data import SequenceSet, UnlearningData
-from fastunlearn.engine import UnlearnConfig, unlearn
+from fastunlearn.engine import UnlearnConfig, checkpoint, unlearn
 from fastunlearn.fused_lm import patch_fused_ihl
 from fastunlearn.ihl import ihl_loss
 from fastunlearn.lora import lora_layers
@@ -217,7 +217,8 @@ def test_full_unlearning_updates_the_shared_tensor_once_with_the_gradient_of_bot
     seen = {}
 
     def grab(task, record):
-        with safe_open(str(tmp_path / "run" / "checkpoint" / "state.safetensors"), "pt") as f:
+        newest = max(checkpoint.versions(tmp_path / "run").items())[1]
+        with safe_open(str(newest / "state.safetensors"), "pt") as f:
             seen["keys"] = [k for k in f.keys() if k.startswith("param.")]
             index = [k.removeprefix("param.") for k in seen["keys"]].index("model.embed_tokens.weight")
             seen["exp_avg"] = f.get_tensor(f"optim.{index}.exp_avg")
