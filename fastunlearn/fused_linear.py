@@ -2,7 +2,9 @@
 
 Rows are processed in chunks: logits_c = h_c Wᵀ + b (C, V) -> IHL row statistics -> gradient written in
 place over logits_c (the dispatch picks the Triton, C++ or torch backend) -> grad_h_c = dZ_c W and
-grad_W += dZ_cᵀ h_c (float32 accumulator). Peak extra memory: one (C, V) chunk plus the gradients.
+grad_W += dZ_cᵀ h_c, accumulated in float32 with ``addmm`` (each chunk's product is never rounded to a half
+dtype; Liger's fused linear cross-entropy does the same). Peak extra memory: one (C, V) chunk (plus its float32
+copy for bfloat16 / float16 inputs, which the float32 accumulation needs) and the gradients.
 
 For ``mean`` / ``sum`` the gradients are formed during the forward (3 GEMMs in all) and scaled by the
 incoming grad_output in backward, on the device. For ``none`` the per-token grad_output is only known
@@ -50,10 +52,10 @@ def _chunked_pass(hidden, weight, bias, labels, grad_rows, ignore_index, margin,
         dz = run_backward(impl, grad_rows[rows], z, labels[rows], stats, runner, ignore_index, margin, z)
         if want_h:
             torch.mm(dz, weight, out=grad_h[rows])  # (C, H)
-        if want_w:
-            grad_w += (dz.t() @ h).float()  # (V, H)
+        if want_w:  # (V, H) += (V, C) @ (C, H) in float32
+            grad_w.addmm_(dz.t().float(), h.float())
         if want_b:
-            grad_b += dz.float().sum(0)
+            grad_b += dz.sum(0, dtype=torch.float32)
     return loss, grad_h, grad_w, grad_b
 
 
