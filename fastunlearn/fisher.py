@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from . import _fisher_torch
 from . import distributed as dist_utils
 from ._dispatch import select_impl
+from .objectives import next_token_targets
 from .targets import find_targets, is_conv1d
 
 MODES = ("per_example", "per_batch")
@@ -136,13 +137,13 @@ def _batches(
 
 
 def _sequence_nll(model: nn.Module, batch: dict[str, Tensor], ignore_index: int) -> tuple[Tensor, int]:
-    """(sum over the batch of each sequence's NLL, float32; number of label tokens)."""
+    """(sum over the batch of each sequence's NLL, in the model's dtype and at least float32; number of label
+    tokens). The targets are :func:`fastunlearn.objectives.next_token_targets` (labels aligned with input_ids)."""
     ids, mask = batch["input_ids"], batch.get("attention_mask")
-    targets = batch.get("labels", ids)[:, 1:]  # labels are aligned with input_ids: shift by one
-    if mask is not None:  # padding is no target, and a padded position predicts nothing (e.g. left padding)
-        targets = targets.masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), ignore_index)
+    targets = next_token_targets(ids, mask, batch.get("labels"), ignore_index)  # (B, T - 1)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (B, T - 1, V)
-    flat = logits.reshape(-1, logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # a float64 model keeps float64
     nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
     return nll, int((targets != ignore_index).sum())
 
