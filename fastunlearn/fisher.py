@@ -35,7 +35,6 @@ all-reduced: every rank returns the same result. ``distributed=False`` keeps a r
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import _fisher_torch
+from . import _fisher_torch, _validate
 from . import distributed as dist_utils
 from ._dispatch import select_impl
 from .objectives import next_token_targets
@@ -67,14 +66,12 @@ class FisherConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
-            raise ValueError(f"max_examples must be None or an integer >= 1, got {self.max_examples!r}")
-        if not (isinstance(self.chunk_mb, (int, float)) and math.isfinite(self.chunk_mb) and self.chunk_mb > 0):
-            raise ValueError(f"chunk_mb must be a finite number > 0, got {self.chunk_mb!r}")
+        _validate.check_choice("mode", self.mode, MODES)
+        _validate.check_int("batch_size", self.batch_size, 1)
+        if self.max_examples is not None:
+            _validate.check_int("max_examples", self.max_examples, 1)
+        _validate.check_int("ignore_index", self.ignore_index)
+        _validate.check_number("chunk_mb", self.chunk_mb, 0, strict=True)
 
 
 @dataclass
@@ -349,8 +346,7 @@ def relative_fisher(forget: FisherResult, retain: FisherResult, eps: float = 1e-
     only_f, only_r = sorted(set(forget.fisher) - set(retain.fisher)), sorted(set(retain.fisher) - set(forget.fisher))
     if only_f or only_r:
         raise ValueError(f"forget and retain Fisher differ in layers: only in forget {only_f}, only in retain {only_r}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _validate.check_number("eps", eps, 0)
     f_scale, r_scale = (forget.n_tokens, retain.n_tokens) if forget.mode == "per_batch" else (1, 1)
     return {
         name: (f / f_scale) / (eps + retain.fisher[name].to(f.device) / r_scale) for name, f in forget.fisher.items()

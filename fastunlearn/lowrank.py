@@ -116,19 +116,11 @@ def _backend(impl: str):
 # ---------------------------------------------------------------------------------------------------------
 # Checks. Each error names the argument and the bad value.
 # ---------------------------------------------------------------------------------------------------------
-def _check_int(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
 def _check_config(rank: object, oversample: object, n_iter: object, exact: object) -> None:
-    _check_int("rank", rank, 1)
-    _check_int("oversample", oversample, 0)
-    _check_int("n_iter", n_iter, 0)
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
+    _validate.check_int("rank", rank, 1)
+    _validate.check_int("oversample", oversample, 0)
+    _validate.check_int("n_iter", n_iter, 0)
+    _validate.check_bool("exact", exact)
 
 
 def _check_matrices(W: object, w: object, rank: int, what: str = "") -> None:
@@ -181,9 +173,9 @@ def _non_finite_reason(W: Tensor, w: Tensor, names: list[str], known_non_finite:
 
 
 def _seeds(seed: int | Sequence[int], batch: int) -> list[int]:
-    if isinstance(seed, int) and not isinstance(seed, bool):
+    if _validate.is_int(seed):
         return [seed + b for b in range(batch)]
-    if isinstance(seed, Sequence) and len(seed) == batch and all(isinstance(s, int) for s in seed):
+    if isinstance(seed, Sequence) and len(seed) == batch and all(_validate.is_int(s) for s in seed):
         return list(seed)
     raise TypeError(f"seed must be an int or a sequence of {batch} ints (one per matrix), got {seed!r}")
 
@@ -275,9 +267,8 @@ def weighted_lowrank_grouped(
     raised on all.
     """
     _check_config(rank, oversample, n_iter, exact)
-    _check_int("max_batch_bytes", max_batch_bytes, 1)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _validate.check_int("max_batch_bytes", max_batch_bytes, 1)
+    _validate.check_int("seed", seed)
     if not isinstance(weights, dict) or not isinstance(row_weights, dict):
         raise TypeError(
             f"weights and row_weights must be dicts, got {type(weights).__name__}, {type(row_weights).__name__}"

@@ -211,9 +211,9 @@ def test_grouped_equals_ungrouped_whatever_the_batching():
         (lambda W, w: weighted_lowrank(W[:, :0], w[:, :0], 4), ValueError, "W must be a non-empty"),
         (lambda W, w: weighted_lowrank(W, w[:, :-1], 4), ValueError, r"row_weights must have shape \(2, 20\)"),
         (lambda W, w: weighted_lowrank(W, w, 13), ValueError, r"rank must be <= min\(out, in\) = 12 .* got 13"),
-        (lambda W, w: weighted_lowrank(W, w, 0), ValueError, "rank must be >= 1, got 0"),
+        (lambda W, w: weighted_lowrank(W, w, 0), ValueError, "rank must be an int >= 1, got 0"),
         (lambda W, w: weighted_lowrank(W, w, 4.0), TypeError, "rank must be an int, got float"),
-        (lambda W, w: weighted_lowrank(W, w, 4, oversample=-1), ValueError, "oversample must be >= 0"),
+        (lambda W, w: weighted_lowrank(W, w, 4, oversample=-1), ValueError, "oversample must be an int >= 0"),
         (lambda W, w: weighted_lowrank(W, w, 4, n_iter=True), TypeError, "n_iter must be an int, got bool"),
         (lambda W, w: weighted_lowrank(W, w, 4, exact=1), TypeError, "exact must be a bool"),
         (lambda W, w: weighted_lowrank(W, w, 4, seed=[1]), TypeError, "seed must be an int or a sequence of 2"),
@@ -225,7 +225,7 @@ def test_grouped_equals_ungrouped_whatever_the_batching():
         (lambda W, w: weighted_lowrank_grouped({"a": W}, {"a": w}, 4), ValueError, r"W\['a'\] must be an \(out, in\)"),
         (lambda W, w: weighted_lowrank_grouped({"a": W[0]}, {"a": -w[0]}, 4), ValueError, r"row_weights\['a'\]"),
         (lambda W, w: weighted_lowrank_grouped({"a": W[0]}, {"a": w[0]}, 4, max_batch_bytes=0), ValueError,
-         "max_batch_bytes must be >= 1"),
+         "max_batch_bytes must be an int >= 1"),
     ],
 )  # fmt: skip
 def test_bad_inputs_raise_errors_naming_the_argument(call, error, match):
