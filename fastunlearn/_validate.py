@@ -41,17 +41,18 @@ class ArgumentTypeError(TypeError, ValueError):
 
 def check_int(name: str, value: object, low: int | None = None) -> None:
     """``value`` is an int (not a bool), at least ``low`` if given; else an error naming ``name`` and the value."""
+    wanted = "an int" if low is None else f"an int >= {low}"
     if not is_int(value):
-        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{name} must be {wanted}, got {value!r}")
     if low is not None and value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 def check_number(name: str, value: object, low: float | None = None, *, strict: bool = False) -> None:
     """``value`` is a finite int or float (not a bool), >= ``low`` (> with ``strict``) if given."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
     bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a finite number{bound}, got {value!r}")
     if not math.isfinite(value) or (low is not None and (value <= low if strict else value < low)):
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
@@ -65,7 +66,7 @@ def check_fraction(name: str, value: object, *, include_one: bool = False) -> No
 
 def check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:

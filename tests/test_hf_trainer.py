@@ -430,3 +430,18 @@ def test_callback_rejects_bad_arguments(memorized, kwargs, error, match):
         options["heldout"] = heldouts[options["heldout"]]
     with pytest.raises(error, match=match):
         UnlearningCallback(forget, **options)
+
+
+def test_callback_uses_the_engine_epoch_check():
+    """EL is measured only once MA is within its limit, and the criterion is the engine's criterion_met."""
+    from fastunlearn.engine.evaluation import criterion_met, epoch_check
+    from fastunlearn.integrations.hf import callback
+
+    assert callback.epoch_check is epoch_check
+    calls = []
+    criterion = {"stop": "threshold", "ma": 0.5, "el": 0.1}
+    measured, met = epoch_check(lambda: 0.6, lambda: calls.append("el") or 0.0, criterion)
+    assert measured == {"ma": 0.6, "el": None} and not met and calls == []
+    measured, met = epoch_check(lambda: 0.5, lambda: 0.1, criterion)
+    assert measured == {"ma": 0.5, "el": 0.1} and met == criterion_met(measured, criterion) is True
+    assert epoch_check(lambda: 0.2, lambda: 0.2, criterion) == ({"ma": 0.2, "el": 0.2}, False)
