@@ -43,15 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import _fisher_torch, _validate
+from . import _dispatch, _validate
 from . import distributed as dist_utils
-from ._dispatch import select_impl
 from .objectives import next_token_targets
 from .targets import find_targets, is_conv1d
 
 MODES = ("per_example", "per_batch")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
-KERNEL_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 @dataclass(frozen=True)
@@ -189,19 +187,17 @@ class _Taps:
         self.reset()
 
 
-def accumulate_per_example(fisher: Tensor, x: Tensor, g: Tensor, chunk_bytes: int) -> None:
-    """fisher (out, in) float32 += sum_n (g_n^T x_n)^2 for x (B, T, in), g (B, T, out) on the dispatched path.
-
-    The Triton kernel takes float32/bfloat16/float16 (float64 models run the torch path).
-    """
-    available = ("torch", "triton") if {x.dtype, g.dtype} <= KERNEL_DTYPES else ("torch",)
-    if select_impl(x.device, available=available) == "triton":
-        from .kernels import fisher as kernels
-
+def accumulate_per_example(fisher: Tensor, x: Tensor, g: Tensor, chunk_bytes: int, impl: str | None = None) -> None:
+    """fisher (out, in) float32 += sum_n (g_n^T x_n)^2 for x (B, T, in), g (B, T, out) on the registry's ``fisher``
+    op (``impl``: "torch" or "triton"; None: automatic). The Triton kernel takes float32/bfloat16/float16 (float64
+    models run the torch path)."""
+    impl = _dispatch.select("fisher", x.device, dtypes=(x.dtype, g.dtype, fisher.dtype), impl=impl)
+    accumulate = _dispatch.implementation("fisher", impl)
+    if impl == "triton":
         dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 input, half output gradient
-        kernels.fisher_accumulate(fisher, x.to(dtype), g.to(dtype))
+        accumulate(fisher, x.to(dtype), g.to(dtype))
     else:
-        _fisher_torch.fisher_accumulate(fisher, x, g, chunk_bytes=chunk_bytes)
+        accumulate(fisher, x, g, chunk_bytes=chunk_bytes)
 
 
 def _two_sum_(total: Tensor, error: Tensor, term: Tensor) -> None:
@@ -266,6 +262,7 @@ def empirical_fisher(
     chunk_mb: float = 256.0,
     progress: bool = True,
     distributed: bool | None = None,
+    impl: str | None = None,
 ) -> FisherResult:
     """Diagonal empirical Fisher of every target layer's weight (see the module docstring for both modes).
 
@@ -274,7 +271,8 @@ def empirical_fisher(
     input_ids as in Hugging Face (the shift happens here). ``targets``: layer patterns or a preset
     (``fastunlearn.targets``). The model's train/eval modes, parameters and their ``requires_grad`` and
     ``.grad`` are left as they were. ``distributed``: reduce over the default process group (None: when
-    one is initialized; see the module docstring).
+    one is initialized; see the module docstring). ``impl``: the per-example accumulation's implementation
+    ("torch" or "triton"; None: automatic).
     """
     cfg = FisherConfig(mode, batch_size, max_examples, ignore_index, chunk_mb, progress)
     process = dist_utils.resolve(distributed)
@@ -294,7 +292,7 @@ def empirical_fisher(
         term = torch.zeros_like(fisher[name])  # this batch's contribution
         term_out_in = term.t() if is_conv1d(modules[name]) else term  # (out, in)
         if cfg.mode == "per_example":
-            accumulate_per_example(term_out_in, x, g, chunk_bytes)
+            accumulate_per_example(term_out_in, x, g, chunk_bytes, impl)
         else:  # n_b g_b^2 with g_b = (sum_t g_t x_t^T) / n_b
             dtype = dtypes[name]
             summed = torch.mm(g.reshape(-1, g.shape[-1]).t().to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _validate
-from ._dispatch import select_impl
+from . import _dispatch, _validate
 from .ihl import backend, count_valid, flatten_labels, reduce_rows, run_backward
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -29,13 +28,12 @@ def _chunk_rows(n_classes: int, element_size: int, chunk_rows: int | None) -> in
     return max(1, _DEFAULT_CHUNK_BYTES // (n_classes * element_size))
 
 
-def _chunked_pass(hidden, weight, bias, labels, grad_rows, ignore_index, margin, step, grads_for):
+def _chunked_pass(hidden, weight, bias, labels, grad_rows, ignore_index, margin, step, grads_for, impl):
     """Loss per row, and, when ``grad_rows`` is given, the gradients named in ``grads_for``.
 
     hidden (N, H), weight (V, H), bias (V,) or None, labels (N,), grad_rows (N,) float32 or None.
     """
     n_rows = hidden.shape[0]
-    impl = select_impl(hidden.device)
     ops = backend(impl)
     loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     want_h, want_w, want_b = grads_for if grad_rows is not None else (False, False, False)
@@ -61,32 +59,32 @@ def _chunked_pass(hidden, weight, bias, labels, grad_rows, ignore_index, margin,
 
 class _FusedLinearIHL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, margin, reduction, step):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, margin, reduction, step, impl):
         grads_for = tuple(ctx.needs_input_grad[:3])
-        ctx.options = (ignore_index, margin, reduction, step, grads_for)
+        ctx.options = (ignore_index, margin, reduction, step, grads_for, impl)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if reduction == "none":  # per-token grad_output: gradients are formed in backward
             ctx.save_for_backward(hidden, weight, bias, labels)
-            return _chunked_pass(hidden, weight, bias, labels, None, ignore_index, margin, step, grads_for)[0]
+            return _chunked_pass(hidden, weight, bias, labels, None, ignore_index, margin, step, grads_for, impl)[0]
         # mean / sum: every row's grad_output is the same scalar, applied in backward.
         ones = torch.ones((), dtype=torch.float32, device=hidden.device).expand(hidden.shape[0])  # (N,)
-        loss, *grads = _chunked_pass(hidden, weight, bias, labels, ones, ignore_index, margin, step, grads_for)
+        loss, *grads = _chunked_pass(hidden, weight, bias, labels, ones, ignore_index, margin, step, grads_for, impl)
         ctx.grads = grads
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        ignore_index, margin, reduction, step, grads_for = ctx.options
+        ignore_index, margin, reduction, step, grads_for, impl = ctx.options
         if reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
             grads = _chunked_pass(
-                hidden, weight, bias, labels, grad_loss.float(), ignore_index, margin, step, grads_for
+                hidden, weight, bias, labels, grad_loss.float(), ignore_index, margin, step, grads_for, impl
             )[1:]
         else:
             g = grad_loss[0]  # 0-dim view of the uniform row gradient: no host synchronization
             grads, ctx.grads = [None if t is None else t * g for t in ctx.grads], None
         grads = [None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes)]
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 def fused_linear_ihl(
@@ -99,12 +97,14 @@ def fused_linear_ihl(
     reduction: str = "mean",
     margin: float = 1.0,
     chunk_rows: int | None = None,
+    impl: str | None = None,
 ) -> Tensor:
     """IHL of ``hidden @ weight.T + bias`` against ``labels`` without materializing the logits.
 
     hidden (..., H), weight (V, H) (an LM head's weight), bias (V,) or None, labels (...) int. Same
     semantics and return value as :func:`fastunlearn.ihl_loss`; gradients flow to hidden, weight and bias.
-    ``chunk_rows`` sets the rows per chunk (default: chunks of about 256 MiB of logits).
+    ``chunk_rows`` sets the rows per chunk (default: chunks of about 256 MiB of logits). ``impl``: the IHL
+    implementation, as in :func:`fastunlearn.ihl_loss`.
     """
     _validate.check_float_tensor("hidden", hidden)
     _validate.check_float_tensor("weight", weight, min_dim=2)
@@ -134,7 +134,8 @@ def fused_linear_ihl(
     if checks:
         _validate.check_label_values(y, weight.shape[0], ignore_index)
     step = _chunk_rows(weight.shape[0], hidden.element_size(), chunk_rows)
-    loss_rows = _FusedLinearIHL.apply(h, weight, bias, y, int(ignore_index), float(margin), reduction, step)
+    impl = _dispatch.select("ihl", h.device, impl=impl)
+    loss_rows = _FusedLinearIHL.apply(h, weight, bias, y, int(ignore_index), float(margin), reduction, step, impl)
     if checks:
         _validate.check_finite_rows(loss_rows, "hidden/weight (their logits)")
     return reduce_rows(loss_rows, count_valid(y, ignore_index), reduction, labels.shape)
