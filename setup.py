@@ -27,7 +27,9 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "*.cpp")))
-    ext = CppExtension("fastunlearn._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": ["-O3", "-std=c++17"]})
+    ext = CppExtension(
+        "fastunlearn._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": ["-O3", "-std=c++17"]}
+    )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
