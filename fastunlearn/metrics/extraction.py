@@ -27,12 +27,17 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._optional import missing
 from .._validate import check_int, check_number, is_int
 from ._common import check_batch, inference, progress
+
+try:
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as exc:
+    raise missing("transformers", "engine", "fastunlearn.metrics") from exc
 
 # transformers 5.x renamed past_key_values (forward argument and output field) to cache
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"

@@ -36,6 +36,7 @@ optimizer, scheduler, DeepSpeed / FSDP setup and loggers stay as they are; only 
 Not handled: tensor, context or sequence parallelism (they split a batch's tokens across ranks).
 """
 
+from . import _requires  # noqa: F401  (first: names the missing extra)
 from .callback import UnlearningCallback
 from .data import BATCH_KEYS, FORGET_KEYS, RETAIN_KEYS, ForgetRetainDataset, collate_forget_retain, count_targets
 from .loss import unlearning_compute_loss

@@ -7,14 +7,19 @@ import logging
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import TrainerCallback
 
 from ... import distributed as dist_utils
+from ..._optional import missing
 from ..._validate import check_int, is_number
 from ...data import SequenceSet
 from ...engine.evaluation import epoch_check
 from ...metrics import extraction_likelihood, memorization_accuracy
 from .data import _check_set
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:
+    raise missing("transformers", "hf", "fastunlearn.integrations.hf") from exc
 
 logger = logging.getLogger("fastunlearn.integrations.hf")
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import Trainer
 
+from ..._optional import missing
 from ...fused_lm import patch_fused_ihl
 from ...objectives import UnlearningLossOutput, check_fused, check_objective
 from .data import BATCH_KEYS, collate_forget_retain, count_targets
 from .loss import unlearning_compute_loss
+
+try:
+    from transformers import Trainer
+except ImportError as exc:
+    raise missing("transformers", "hf", "fastunlearn.integrations.hf") from exc
 
 
 class UnlearningTrainer(Trainer):
