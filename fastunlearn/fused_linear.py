@@ -14,10 +14,10 @@ in backward, which then recomputes the chunk logits (4 GEMMs).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _dispatch, _validate
-from .ihl import backend, count_valid, flatten_labels, reduce_rows, run_backward
+from .ihl import HingeOptions, backend, count_valid, flatten_labels, reduce_rows, run_backward
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -141,17 +141,13 @@ def fused_linear_ihl(
     return reduce_rows(loss_rows, count_valid(y, ignore_index), reduction, labels.shape)
 
 
-class FusedLinearIHL(nn.Module):
+class FusedLinearIHL(HingeOptions):
     """Module form of :func:`fused_linear_ihl`: ``FusedLinearIHL()(hidden, lm_head.weight, labels)``."""
 
     def __init__(
         self, ignore_index: int = -100, reduction: str = "mean", margin: float = 1.0, chunk_rows: int | None = None
     ) -> None:
-        super().__init__()
-        _validate.check_reduction_and_margin(reduction, margin)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.margin = margin
+        super().__init__(ignore_index, reduction, margin)
         self.chunk_rows = chunk_rows
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -167,17 +167,27 @@ def ihl_loss(
     return reduce_rows(loss_rows, n_valid, reduction, labels.shape)
 
 
-class IHLLoss(nn.Module):
-    """Module form of :func:`ihl_loss`: ``IHLLoss(reduction="mean")(logits, labels)``."""
+class HingeOptions(nn.Module):
+    """What the IHL modules share: ``ignore_index``, ``reduction`` and ``margin``, checked once."""
 
-    def __init__(
-        self, ignore_index: int = -100, reduction: str = "mean", margin: float = 1.0, inplace_grad: bool = False
-    ) -> None:
+    def __init__(self, ignore_index: int, reduction: str, margin: float) -> None:
         super().__init__()
         _validate.check_reduction_and_margin(reduction, margin)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.margin = margin
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, margin={self.margin}, ignore_index={self.ignore_index}"
+
+
+class IHLLoss(HingeOptions):
+    """Module form of :func:`ihl_loss`: ``IHLLoss(reduction="mean")(logits, labels)``."""
+
+    def __init__(
+        self, ignore_index: int = -100, reduction: str = "mean", margin: float = 1.0, inplace_grad: bool = False
+    ) -> None:
+        super().__init__(ignore_index, reduction, margin)
         self.inplace_grad = inplace_grad
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -185,6 +195,3 @@ class IHLLoss(nn.Module):
             logits, labels, ignore_index=self.ignore_index, reduction=self.reduction,
             margin=self.margin, inplace_grad=self.inplace_grad,
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, margin={self.margin}, ignore_index={self.ignore_index}"
