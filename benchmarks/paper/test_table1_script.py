@@ -1,5 +1,5 @@
 """benchmarks/paper/table1.py as a user runs it: --help, and a clean skip when the TDEC data folder is absent.
-Collected by the test suite (pyproject's testpaths)."""
+Run by .ci/run as its own pytest session (``pytest benchmarks/paper``)."""
 
 import subprocess
 import sys
