@@ -4,7 +4,7 @@
 #include "fastunlearn_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastunlearn C++ ops: Inverted Hinge Loss (CPU), row-weighted low-rank SVD (ATen: CPU and CUDA)";
+  m.doc() = "fastunlearn C++ ops: Inverted Hinge Loss on CPU tensors";
   m.def("ihl_forward", &ihl_forward,
         "IHL forward: (loss f32 (N,), stats f32 (N, 2), runner i32 (N,)) from logits (N, V) and labels (N,)",
         py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("margin"));
@@ -12,8 +12,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "IHL backward: writes d(sum_i grad_rows[i] * loss[i]) / d logits into grad_out (may alias logits)",
         py::arg("grad_rows"), py::arg("logits"), py::arg("labels"), py::arg("stats"), py::arg("runner"),
         py::arg("ignore_index"), py::arg("margin"), py::arg("grad_out"));
-  m.def("weighted_lowrank", &weighted_lowrank,
-        "Row-weighted low-rank SVD: (U (B, out, r), S (B, r), V (B, in, r)) of M = diag(w) W, randomized with "
-        "test matrix omega (B, in, l) and n_iter power iterations, or exact",
-        py::arg("W"), py::arg("w"), py::arg("omega"), py::arg("rank"), py::arg("n_iter"), py::arg("exact"));
 }

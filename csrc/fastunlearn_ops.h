@@ -1,4 +1,4 @@
-// Declarations of the ops of fastunlearn._C (defined in ihl_cpu.cpp and lowrank.cpp, bound in bindings.cpp).
+// Declarations of the ops of fastunlearn._C (defined in ihl_cpu.cpp, bound in bindings.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -21,11 +21,3 @@ void ihl_backward(
     int64_t ignore_index,
     double margin,
     torch::Tensor grad_out);
-
-// Row-weighted low-rank approximation (defined in lowrank.cpp; ATen ops, CPU and CUDA tensors): per matrix b,
-// the top-`rank` SVD of M = diag(w[b]) W[b], M ≈ U diag(S) Vᵀ. W (B, out, in) float32/bfloat16/float16,
-// w (B, out) float32, omega (B, in, l >= rank) float32 Gaussian (ignored when exact). Randomized range finder
-// with n_iter re-orthonormalized power iterations, or the full SVD when exact. Returns float32
-// (U (B, out, rank), S (B, rank) descending, V (B, in, rank)); each column of V has its largest-|.| entry > 0.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> weighted_lowrank(
-    torch::Tensor W, torch::Tensor w, torch::Tensor omega, int64_t rank, int64_t n_iter, bool exact);

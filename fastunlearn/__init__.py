@@ -1,28 +1,33 @@
 """fastunlearn: kernel-optimized LLM unlearning (Inverted Hinge Loss, FILA; Cha et al., arXiv 2408.06621).
 
-Importing never initializes CUDA and never needs Triton or the compiled extension: the fast paths are
-probed once, without importing either (see ``fastunlearn._dispatch``); the engine loads on first use.
+Importing never initializes CUDA and never needs Triton, the compiled extension or transformers: the fast paths
+are probed once, without importing either (see ``fastunlearn._dispatch``); the engine loads on first use.
+``__all__`` lists the public API in brief; the other names below stay importable from here for existing code,
+and every name is importable from its module.
 """
 
 import importlib
 
-from ._dispatch import has_csrc, has_triton, select_impl
 from .export import save_merged_model, save_peft_adapter
-from .fila import FilaConfig, FilaResult, fila_init
-from .fisher import FisherResult, empirical_fisher, relative_fisher
+from .fila import FilaConfig, fila_init
+from .fisher import empirical_fisher, relative_fisher
 from .fused_linear import FusedLinearIHL, fused_linear_ihl
 from .ihl import IHLLoss, ihl_loss
-from .lora import LoRALinear, inject_lora, lora_layers, trainable_parameters
-from .lowrank import LowRank, weighted_lowrank, weighted_lowrank_grouped
+from .lora import LoRALinear, inject_lora
 from .objectives import (
     UnlearningLoss,
-    UnlearningLossOutput,
     causal_lm_ihl_loss,
     ga_loss,
     retain_loss,
     shift_causal,
     unlearning_loss,
 )
+
+# Also importable from here (the README's API table uses these names), though not in the short __all__.
+from ._dispatch import has_csrc as has_csrc, has_triton as has_triton, select_impl as select_impl  # isort: skip
+from .lora import lora_layers as lora_layers, trainable_parameters as trainable_parameters  # isort: skip
+from .lowrank import weighted_lowrank as weighted_lowrank  # isort: skip
+from .lowrank import weighted_lowrank_grouped as weighted_lowrank_grouped  # isort: skip
 
 __version__ = "0.1.0"
 
@@ -36,37 +41,31 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
 
 
+# The public API in brief; everything else is importable from its module (fastunlearn.metrics, .data, ...).
 __all__ = [
-    "FilaConfig",
-    "FilaResult",
-    "FisherResult",
+    # losses
     "FusedLinearIHL",
     "IHLLoss",
-    "LoRALinear",
-    "LowRank",
-    "UnlearnConfig",
-    "UnlearnResult",
     "UnlearningLoss",
-    "UnlearningLossOutput",
     "causal_lm_ihl_loss",
-    "empirical_fisher",
-    "fila_init",
     "fused_linear_ihl",
     "ga_loss",
-    "has_csrc",
-    "has_triton",
     "ihl_loss",
-    "inject_lora",
-    "lora_layers",
-    "relative_fisher",
     "retain_loss",
+    "shift_causal",
+    "unlearning_loss",
+    # LoRA and FILA
+    "FilaConfig",
+    "LoRALinear",
+    "fila_init",
+    "inject_lora",
+    # Fisher
+    "empirical_fisher",
+    "relative_fisher",
+    # export
     "save_merged_model",
     "save_peft_adapter",
-    "select_impl",
-    "shift_causal",
-    "trainable_parameters",
+    # the unlearning job (loaded on first use)
+    "UnlearnConfig",
     "unlearn",
-    "unlearning_loss",
-    "weighted_lowrank",
-    "weighted_lowrank_grouped",
 ]

@@ -15,7 +15,7 @@ import os
 import torch
 
 _DEFAULT_CHUNK_MB = 256
-_TEMPS_PER_ELEMENT = 2  # the float32 copy of the chunk and logsumexp's (or exp's) temporary
+_TEMPS_PER_ELEMENT = 2  # the float32 copy of the chunk and one (z - m) buffer, exponentiated in place
 
 
 def chunk_rows(n_cols: int, chunk_bytes: int | None = None) -> int:
@@ -44,7 +44,7 @@ def ihl_forward(
         # 1. Row max m and log s = log sum exp(z - m); m = -inf (all -inf) uses 0 as reference.
         m = z.amax(dim=-1)  # (C,)
         m_ref = torch.where(m == float("-inf"), 0.0, m)[:, None]
-        log_s = torch.exp(z - m_ref).sum(dim=-1).log()
+        log_s = (z - m_ref).exp_().sum(dim=-1).log()  # exp_ in place: 2 (C, V) buffers live, not 3
         z.sub_(m_ref)  # z - m from here on
         z_y = z.gather(1, y_safe).squeeze(1)
         # 2. Runner-up: argmax over v != y (argmax returns the first maximal index).

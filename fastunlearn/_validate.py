@@ -1,4 +1,10 @@
-"""Input checks shared by the public losses. Each error names the argument and the bad value.
+"""Input checks shared by the whole package. Each error names the argument and the bad value.
+
+Argument checks: ``is_int`` / ``is_number`` (predicates) and ``check_int``, ``check_number``, ``check_fraction``,
+``check_bool``, ``check_choice`` (raise). A wrong type raises :class:`ArgumentTypeError`, both a TypeError and a
+ValueError; a wrong value raises ValueError.
+
+Tensor checks for the losses:
 
 Metadata checks (shape, dtype, device) are free and always run. Value checks (labels in range,
 finite logits) need a host synchronization, so they run by default on CPU tensors only; on CUDA the
@@ -28,6 +34,46 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type. Also a ValueError, so callers that report bad input (the CLI catches
+    ValueError) treat a wrong type like a wrong value."""
+
+
+def check_int(name: str, value: object, low: int | None = None) -> None:
+    """``value`` is an int (not a bool), at least ``low`` if given; else an error naming ``name`` and the value."""
+    wanted = "an int" if low is None else f"an int >= {low}"
+    if not is_int(value):
+        raise ArgumentTypeError(f"{name} must be {wanted}, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def check_number(name: str, value: object, low: float | None = None, *, strict: bool = False) -> None:
+    """``value`` is a finite int or float (not a bool), >= ``low`` (> with ``strict``) if given."""
+    bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a finite number{bound}, got {value!r}")
+    if not math.isfinite(value) or (low is not None and (value <= low if strict else value < low)):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_fraction(name: str, value: object, *, include_one: bool = False) -> None:
+    """``value`` is a number in [0, 1) (or [0, 1] with ``include_one``)."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+    if not is_number(value) or not (0 <= value <= 1 if include_one else 0 <= value < 1):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def check_float_tensor(name: str, t: object, min_dim: int = 1) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -55,10 +101,8 @@ def check_labels(labels: object, expected_shape: torch.Size, device: torch.devic
 
 
 def check_reduction_and_margin(reduction: str, margin: float) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= 0:
-        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_number("margin", margin, 0, strict=True)
 
 
 def value_checks_enabled(device: torch.device) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
       --heldout heldout.csv --loss ihl --params fila --rank 16 --out runs/fila-ihl
-  torchrun --nproc-per-node 8 -m fastunlearn unlearn --model meta-llama/Llama-2-7b-hf --forget forget.csv \
+  torchrun --nproc-per-node 8 -m fastunlearn unlearn --model meta-llama/Llama-2-7b-hf --forget forget.csv \\
       --retain wiki.txt --heldout heldout.csv --dtype bfloat16 --parallel fsdp --out runs/llama-fila
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
   fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import _validate
 from .fisher import FisherResult, empirical_fisher, relative_fisher
 from .lora import LoRALinear, inject_lora
 from .lowrank import LowRank, weighted_lowrank_grouped
@@ -53,23 +54,16 @@ class FilaConfig:
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            _validate.check_int(name, getattr(self, name), 1)
         for name in ("oversample", "n_iter", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.fisher_mode not in FISHER_MODES:
-            raise ValueError(f"fisher_mode must be one of {FISHER_MODES}, got {self.fisher_mode!r}")
-        if self.row_weighting not in ROW_WEIGHTINGS:
-            raise ValueError(f"row_weighting must be one of {ROW_WEIGHTINGS}, got {self.row_weighting!r}")
+            _validate.check_int(name, getattr(self, name), 0)
+        for name in ("alpha", "eps"):
+            _validate.check_number(name, getattr(self, name), 0, strict=True)
+        _validate.check_fraction("dropout", self.dropout)
+        for name in ("use_rslora", "exact"):
+            _validate.check_bool(name, getattr(self, name))
+        _validate.check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
+        _validate.check_choice("row_weighting", self.row_weighting, ROW_WEIGHTINGS)
 
 
 @dataclass

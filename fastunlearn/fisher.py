@@ -35,7 +35,6 @@ all-reduced: every rank returns the same result. ``distributed=False`` keeps a r
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -44,14 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import _fisher_torch
+from . import _dispatch, _validate
 from . import distributed as dist_utils
-from ._dispatch import select_impl
+from .objectives import next_token_targets
 from .targets import find_targets, is_conv1d
 
 MODES = ("per_example", "per_batch")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
-KERNEL_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 @dataclass(frozen=True)
@@ -66,14 +64,12 @@ class FisherConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
-            raise ValueError(f"max_examples must be None or an integer >= 1, got {self.max_examples!r}")
-        if not (isinstance(self.chunk_mb, (int, float)) and math.isfinite(self.chunk_mb) and self.chunk_mb > 0):
-            raise ValueError(f"chunk_mb must be a finite number > 0, got {self.chunk_mb!r}")
+        _validate.check_choice("mode", self.mode, MODES)
+        _validate.check_int("batch_size", self.batch_size, 1)
+        if self.max_examples is not None:
+            _validate.check_int("max_examples", self.max_examples, 1)
+        _validate.check_int("ignore_index", self.ignore_index)
+        _validate.check_number("chunk_mb", self.chunk_mb, 0, strict=True)
 
 
 @dataclass
@@ -136,13 +132,13 @@ def _batches(
 
 
 def _sequence_nll(model: nn.Module, batch: dict[str, Tensor], ignore_index: int) -> tuple[Tensor, int]:
-    """(sum over the batch of each sequence's NLL, float32; number of label tokens)."""
+    """(sum over the batch of each sequence's NLL, in the model's dtype and at least float32; number of label
+    tokens). The targets are :func:`fastunlearn.objectives.next_token_targets` (labels aligned with input_ids)."""
     ids, mask = batch["input_ids"], batch.get("attention_mask")
-    targets = batch.get("labels", ids)[:, 1:]  # labels are aligned with input_ids: shift by one
-    if mask is not None:  # padding is no target, and a padded position predicts nothing (e.g. left padding)
-        targets = targets.masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), ignore_index)
+    targets = next_token_targets(ids, mask, batch.get("labels"), ignore_index)  # (B, T - 1)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (B, T - 1, V)
-    flat = logits.reshape(-1, logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # a float64 model keeps float64
     nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
     return nll, int((targets != ignore_index).sum())
 
@@ -191,19 +187,17 @@ class _Taps:
         self.reset()
 
 
-def accumulate_per_example(fisher: Tensor, x: Tensor, g: Tensor, chunk_bytes: int) -> None:
-    """fisher (out, in) float32 += sum_n (g_n^T x_n)^2 for x (B, T, in), g (B, T, out) on the dispatched path.
-
-    The Triton kernel takes float32/bfloat16/float16 (float64 models run the torch path).
-    """
-    available = ("torch", "triton") if {x.dtype, g.dtype} <= KERNEL_DTYPES else ("torch",)
-    if select_impl(x.device, available=available) == "triton":
-        from .kernels import fisher as kernels
-
+def accumulate_per_example(fisher: Tensor, x: Tensor, g: Tensor, chunk_bytes: int, impl: str | None = None) -> None:
+    """fisher (out, in) float32 += sum_n (g_n^T x_n)^2 for x (B, T, in), g (B, T, out) on the registry's ``fisher``
+    op (``impl``: "torch" or "triton"; None: automatic). The Triton kernel takes float32/bfloat16/float16 (float64
+    models run the torch path)."""
+    impl = _dispatch.select("fisher", x.device, dtypes=(x.dtype, g.dtype, fisher.dtype), impl=impl)
+    accumulate = _dispatch.implementation("fisher", impl)
+    if impl == "triton":
         dtype = torch.promote_types(x.dtype, g.dtype)  # autocast: float32 input, half output gradient
-        kernels.fisher_accumulate(fisher, x.to(dtype), g.to(dtype))
+        accumulate(fisher, x.to(dtype), g.to(dtype))
     else:
-        _fisher_torch.fisher_accumulate(fisher, x, g, chunk_bytes=chunk_bytes)
+        accumulate(fisher, x, g, chunk_bytes=chunk_bytes)
 
 
 def _two_sum_(total: Tensor, error: Tensor, term: Tensor) -> None:
@@ -268,6 +262,7 @@ def empirical_fisher(
     chunk_mb: float = 256.0,
     progress: bool = True,
     distributed: bool | None = None,
+    impl: str | None = None,
 ) -> FisherResult:
     """Diagonal empirical Fisher of every target layer's weight (see the module docstring for both modes).
 
@@ -276,7 +271,8 @@ def empirical_fisher(
     input_ids as in Hugging Face (the shift happens here). ``targets``: layer patterns or a preset
     (``fastunlearn.targets``). The model's train/eval modes, parameters and their ``requires_grad`` and
     ``.grad`` are left as they were. ``distributed``: reduce over the default process group (None: when
-    one is initialized; see the module docstring).
+    one is initialized; see the module docstring). ``impl``: the per-example accumulation's implementation
+    ("torch" or "triton"; None: automatic).
     """
     cfg = FisherConfig(mode, batch_size, max_examples, ignore_index, chunk_mb, progress)
     process = dist_utils.resolve(distributed)
@@ -296,7 +292,7 @@ def empirical_fisher(
         term = torch.zeros_like(fisher[name])  # this batch's contribution
         term_out_in = term.t() if is_conv1d(modules[name]) else term  # (out, in)
         if cfg.mode == "per_example":
-            accumulate_per_example(term_out_in, x, g, chunk_bytes)
+            accumulate_per_example(term_out_in, x, g, chunk_bytes, impl)
         else:  # n_b g_b^2 with g_b = (sum_t g_t x_t^T) / n_b
             dtype = dtypes[name]
             summed = torch.mm(g.reshape(-1, g.shape[-1]).t().to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))
@@ -348,8 +344,7 @@ def relative_fisher(forget: FisherResult, retain: FisherResult, eps: float = 1e-
     only_f, only_r = sorted(set(forget.fisher) - set(retain.fisher)), sorted(set(retain.fisher) - set(forget.fisher))
     if only_f or only_r:
         raise ValueError(f"forget and retain Fisher differ in layers: only in forget {only_f}, only in retain {only_r}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _validate.check_number("eps", eps, 0)
     f_scale, r_scale = (forget.n_tokens, retain.n_tokens) if forget.mode == "per_batch" else (1, 1)
     return {
         name: (f / f_scale) / (eps + retain.fisher[name].to(f.device) / r_scale) for name, f in forget.fisher.items()

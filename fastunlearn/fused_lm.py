@@ -33,12 +33,17 @@ import functools
 import types
 
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _validate
+from ._optional import missing
 from .fused_linear import fused_linear_ihl
 from .lora import LoRALinear
 from .objectives import shift_causal
+
+try:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as exc:
+    raise missing("transformers", "engine", "the fused IHL of Hugging Face models (fastunlearn.fused_lm)") from exc
 
 # Config attributes that change the logits after the output layer: any value other than None is a softcap,
 # any value other than None or 1 a scale.

@@ -21,19 +21,12 @@ import types
 import torch
 from torch import Tensor, nn
 
-from . import _validate
-from ._dispatch import select_impl
+from . import _dispatch, _validate
 
 
 def backend(impl: str) -> types.ModuleType:
-    """The module holding ``ihl_forward`` / ``ihl_backward`` for ``impl``."""
-    if impl == "triton":
-        from .kernels import ihl as module
-    elif impl == "csrc":
-        from . import _C as module
-    else:
-        from . import _ihl_torch as module
-    return module
+    """The module holding ``ihl_forward`` / ``ihl_backward`` for ``impl`` (the registry's ``ihl`` op)."""
+    return _dispatch.implementation("ihl", impl)
 
 
 def run_backward(impl, grad_rows, logits, labels, stats, runner, ignore_index, margin, grad_out) -> Tensor:
@@ -135,6 +128,7 @@ def ihl_loss(
     reduction: str = "mean",
     margin: float = 1.0,
     inplace_grad: bool = False,
+    impl: str | None = None,
 ) -> Tensor:
     """Inverted Hinge Loss of ``logits`` (..., V) against ``labels`` (...), aligned like ``F.cross_entropy``.
 
@@ -147,6 +141,9 @@ def ihl_loss(
     (e.g. a second loss on them) then fails with autograd's "modified by an inplace operation" error, and
     logits that are a leaf tensor would receive themselves as ``.grad``. Use it when the logits come from an
     LM head and feed only this loss.
+
+    ``impl``: "torch", "triton" or "csrc" runs that implementation (RuntimeError, naming it, when it cannot run
+    here); None chooses per device (``fastunlearn._dispatch``).
     """
     _validate.check_float_tensor("logits", logits)
     n_classes = logits.shape[-1]
@@ -162,7 +159,7 @@ def ihl_loss(
     checks = _validate.value_checks_enabled(z.device)
     if checks:
         _validate.check_label_values(y, n_classes, ignore_index)
-    impl = select_impl(z.device)
+    impl = _dispatch.select("ihl", z.device, impl=impl)
     n_valid = count_valid(y, ignore_index)  # before the op: its bool temporary is gone by the op's peak
     loss_rows, _, _ = _ihl_forward_op(z, y, int(ignore_index), float(margin), impl, bool(inplace_grad))
     if checks:
@@ -170,17 +167,27 @@ def ihl_loss(
     return reduce_rows(loss_rows, n_valid, reduction, labels.shape)
 
 
-class IHLLoss(nn.Module):
-    """Module form of :func:`ihl_loss`: ``IHLLoss(reduction="mean")(logits, labels)``."""
+class HingeOptions(nn.Module):
+    """What the IHL modules share: ``ignore_index``, ``reduction`` and ``margin``, checked once."""
 
-    def __init__(
-        self, ignore_index: int = -100, reduction: str = "mean", margin: float = 1.0, inplace_grad: bool = False
-    ) -> None:
+    def __init__(self, ignore_index: int, reduction: str, margin: float) -> None:
         super().__init__()
         _validate.check_reduction_and_margin(reduction, margin)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.margin = margin
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, margin={self.margin}, ignore_index={self.ignore_index}"
+
+
+class IHLLoss(HingeOptions):
+    """Module form of :func:`ihl_loss`: ``IHLLoss(reduction="mean")(logits, labels)``."""
+
+    def __init__(
+        self, ignore_index: int = -100, reduction: str = "mean", margin: float = 1.0, inplace_grad: bool = False
+    ) -> None:
+        super().__init__(ignore_index, reduction, margin)
         self.inplace_grad = inplace_grad
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -188,6 +195,3 @@ class IHLLoss(nn.Module):
             logits, labels, ignore_index=self.ignore_index, reduction=self.reduction,
             margin=self.margin, inplace_grad=self.inplace_grad,
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, margin={self.margin}, ignore_index={self.ignore_index}"

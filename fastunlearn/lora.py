@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import check_fraction, check_number, is_int
 from .targets import find_targets, is_conv1d, is_linear_like, weight_out_in
 
 INITS = ("lora", "pissa")
@@ -40,12 +41,10 @@ INITS = ("lora", "pissa")
 
 def _check_hyperparameters(rank: object, alpha: object, dropout: object, n_out: int, n_in: int, name: str) -> None:
     where = f"layer {name} ({n_out} out x {n_in} in)"
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n_out, n_in):
+    if not (is_int(rank, 1) and rank <= min(n_out, n_in)):
         raise ValueError(f"rank must be an integer in [1, min(out, in) = {min(n_out, n_in)}] for {where}, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_number("alpha", alpha, 0, strict=True)
+    check_fraction("dropout", dropout)
 
 
 class LoRALinear(nn.Module):

@@ -111,11 +111,17 @@ def ga_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reducti
     return -retain_loss(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def _check_objective(forget_loss: str, retain_weight: float) -> None:
-    if forget_loss not in FORGET_LOSSES:
-        raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}")
-    if retain_weight < 0:
-        raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
+def check_objective(forget_loss: object, retain_weight: object, margin: object = 1.0) -> None:
+    """The unlearning objective's options: ValueError naming the bad one and its value."""
+    _validate.check_choice("forget_loss", forget_loss, FORGET_LOSSES)
+    _validate.check_number("retain_weight", retain_weight, 0)
+    _validate.check_number("margin", margin, 0, strict=True)
+
+
+def check_fused(forget_loss: str, fused: object) -> None:
+    """A fused forget term exists for IHL only (it computes IHL from the last hidden states)."""
+    if fused and forget_loss != "ihl":
+        raise ValueError(f"fused_ihl=True computes the IHL term; forget_loss={forget_loss!r} has no fused path")
 
 
 class UnlearningLossOutput(NamedTuple):
@@ -136,7 +142,7 @@ def unlearning_loss(
     margin: float = 1.0,
 ) -> UnlearningLossOutput:
     """forget term + retain_weight x retain CE, on labels already aligned with the logits."""
-    _check_objective(forget_loss, retain_weight)
+    check_objective(forget_loss, retain_weight, margin)
     if (retain_logits is None) != (retain_labels is None):
         raise ValueError("retain_logits and retain_labels must be given together")
     if forget_loss == "ihl":
@@ -158,7 +164,7 @@ class UnlearningLoss(nn.Module):
         self, forget_loss: str = "ihl", retain_weight: float = 1.0, ignore_index: int = -100, margin: float = 1.0
     ) -> None:
         super().__init__()
-        _check_objective(forget_loss, retain_weight)
+        check_objective(forget_loss, retain_weight, margin)
         self.forget_loss = forget_loss
         self.retain_weight = retain_weight
         self.ignore_index = ignore_index
@@ -183,11 +189,9 @@ def forget_term(forget_loss: str, *, fused: bool = False) -> ForgetTerm:
     computes IHL from the last hidden states without the (B, T, V) logits; otherwise the model's logits go
     through :func:`shift_causal` and the loss.
     """
-    if forget_loss not in FORGET_LOSSES:
-        raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}")
+    _validate.check_choice("forget_loss", forget_loss, FORGET_LOSSES)
+    check_fused(forget_loss, fused)
     if fused:
-        if forget_loss != "ihl":
-            raise ValueError(f"fused=True computes the IHL term; forget_loss={forget_loss!r} has no fused path")
         return lambda model, batch: model(**batch, ihl=True, reduction="sum").loss
     loss_fn = ihl_loss if forget_loss == "ihl" else ga_loss
     return lambda model, batch: loss_fn(*shift_causal(model(**batch, use_cache=False).logits, **batch), reduction="sum")

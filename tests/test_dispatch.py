@@ -90,3 +90,59 @@ def test_compiles_without_graph_breaks():
     eager.backward()
     traced.backward()
     assert torch.allclose(eager, traced) and torch.allclose(z1.grad, z2.grad)
+
+
+def test_registry_backends_load_with_the_ops_attributes():
+    expected = {"ihl": ("ihl_forward", "ihl_backward"), "fisher": (), "weighted_lowrank": ()}
+    assert set(_dispatch.OPS) == set(expected)
+    for op, spec in _dispatch.OPS.items():
+        assert "torch" in spec.backends and set(spec.backends) <= set(_dispatch.IMPLS)
+        for impl in spec.backends:
+            if (impl == "csrc" and not _dispatch.has_csrc()) or (impl == "triton" and not _dispatch.has_triton()):
+                continue
+            backend = _dispatch.implementation(op, impl)
+            if expected[op]:  # a module of functions
+                assert all(callable(getattr(backend, name)) for name in expected[op]), (op, impl)
+            else:  # one function
+                assert callable(backend), (op, impl)
+
+
+def test_impl_argument_runs_that_implementation(monkeypatch):
+    """impl= wins over FASTUNLEARN_IMPL, and the loss then runs exactly that backend."""
+    used = []
+    load = _dispatch.implementation
+    monkeypatch.setattr(_dispatch, "implementation", lambda op, impl: used.append((op, impl)) or load(op, impl))
+    monkeypatch.setenv("FASTUNLEARN_IMPL", "triton")
+    logits, labels = torch.randn(4, 9, requires_grad=True), torch.tensor([0, 3, -100, 8])
+    fastunlearn.ihl_loss(logits, labels, impl="torch").backward()
+    assert used and set(used) == {("ihl", "torch")}
+    used.clear()
+    fastunlearn.fused_linear_ihl(torch.randn(4, 6), torch.randn(9, 6), labels, impl="torch")
+    assert set(used) == {("ihl", "torch")}
+
+
+def test_unavailable_or_unknown_impl_raises_naming_it(monkeypatch):
+    logits, labels = torch.randn(2, 5), torch.tensor([0, 1])
+    monkeypatch.setattr(_dispatch, "HAS_CSRC", False)
+    monkeypatch.setattr(_dispatch, "_CSRC_MISSING", "not built (test)")
+    with pytest.raises(RuntimeError, match="implementation 'csrc' was requested but cannot run: not built"):
+        fastunlearn.ihl_loss(logits, labels, impl="csrc")
+    with pytest.raises(RuntimeError, match="implementation 'csrc' was requested"):
+        fastunlearn.fused_linear_ihl(torch.randn(2, 3), torch.randn(5, 3), labels, impl="csrc")
+    with pytest.raises(ValueError, match=r"impl must be one of \('torch', 'triton', 'csrc'\) or None, got 'cuda'"):
+        fastunlearn.ihl_loss(logits, labels, impl="cuda")
+
+
+def test_triton_dtype_limits_come_from_the_registry():
+    """The Fisher kernel takes half and float32 inputs only: float64 falls back, or raises when requested."""
+    from fastunlearn.fisher import accumulate_per_example
+
+    cpu = torch.device("cpu")
+    assert _dispatch.select("fisher", cpu, dtypes=(torch.float64,)) == "torch"
+    x, g = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="'triton' was requested but cannot run: this op has no 'triton' path"):
+        accumulate_per_example(torch.zeros(5, 4, dtype=torch.float64), x, g, 2**20, impl="triton")
+    fisher = torch.zeros(5, 4, dtype=torch.float64)
+    accumulate_per_example(fisher, x, g, 2**20, impl="torch")
+    expected = (torch.einsum("bto,bti->boi", g, x) ** 2).sum(0)
+    assert torch.allclose(fisher, expected, rtol=1e-12, atol=0)

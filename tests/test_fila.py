@@ -107,11 +107,11 @@ def test_training_moves_the_model_and_export_reproduces_it(tmp_path):
     "overrides, match",
     [
         ({"rank": 0}, "rank must be an int >= 1"),
-        ({"alpha": 0.0}, "alpha must be > 0"),
+        ({"alpha": 0.0}, "alpha must be a finite number > 0"),
         ({"fisher_mode": "diag"}, "fisher_mode must be one of"),
         ({"row_weighting": "random"}, "row_weighting must be one of"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-        ({"eps": -1.0}, "eps must be > 0"),
+        ({"eps": -1.0}, "eps must be a finite number > 0"),
     ],
 )
 def test_bad_config(overrides, match):

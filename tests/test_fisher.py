@@ -305,3 +305,14 @@ def test_bad_inputs_give_clear_errors(case):
     with pytest.raises(error, match=match):
         call(model, torch.randint(0, VOCAB, (2, T)))
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_sequence_nll_keeps_a_float64_model_in_float64():
+    """The loss whose gradient the Fisher squares is computed in the model's dtype (it was always float32)."""
+    model = gpt_neo(torch.float64).eval()
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(3))
+    loss, count = fisher._sequence_nll(model, {"input_ids": ids}, -100)
+    logits = model(input_ids=ids).logits[:, :-1]
+    expected = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="sum")
+    assert loss.dtype == torch.float64 and count == 2 * (T - 1)
+    assert abs(loss.item() - expected.item()) <= 1e-12 * expected.item()

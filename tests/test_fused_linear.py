@@ -105,3 +105,24 @@ def test_bad_chunk_rows():
     h, w, b, y = make_inputs()
     with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
         fastunlearn.fused_linear_ihl(h, w, y, b, chunk_rows=0)
+
+
+def test_bfloat16_weight_gradient_is_accumulated_in_float32():
+    """Many chunks of bf16 rows: grad_W is the correctly rounded sum of every row's dZ^T h (no chunk's product
+    is rounded to bf16 before the sum). Logits are exact in bf16, so the rows' dZ equal those of the unfused loss."""
+    n_rows, hidden, n_classes = 256, 16, 50
+    h = torch.randint(-1, 2, (n_rows, hidden)).to(torch.bfloat16)
+    w = (torch.randint(-4, 5, (n_classes, hidden)) / 8).to(torch.bfloat16)  # |logits| <= 8 in steps of 1/8
+    labels = torch.randint(0, n_classes, (n_rows,))
+    _, (_, grad_w) = grads_of(
+        lambda h, w: fastunlearn.fused_linear_ihl(h, w, labels, reduction="sum", chunk_rows=16), (h, w)
+    )
+    z = (h @ w.T).requires_grad_(True)  # (N, V), exact
+    fastunlearn.ihl_loss(z, labels, reduction="sum").backward()
+    exact = z.grad.double().T @ h.double()  # (V, H) float64 sum of the same bf16 dZ rows
+    half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=2**-100))) - 8)  # bf16: 8 significant bits
+    float32_sums = 2.0**-20 * (z.grad.double().abs().T @ h.double().abs())  # any float32 summation order
+    err = (grad_w.double() - exact).abs()
+    assert bool((err <= half_ulp * 1.01 + float32_sums).all()), (
+        f"max error {(err / half_ulp).max().item():.2f} half-ulps"
+    )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from conftest import IMPL_PARAMS
 from reference import (
     CASES,
@@ -170,3 +174,55 @@ def test_reference_gradcheck_float64():
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 4, -100])
     assert torch.autograd.gradcheck(lambda z: ihl_reference(z, labels, reduction="sum"), (logits,))
+
+
+class _PeakAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the storages created inside the block and still alive (a storage lives while any tensor
+    on it does; views of an op's inputs allocate nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: dict[int, list[int]] = {}  # storage address -> [tensors alive on it, bytes]
+        self.live = self.peak = 0
+
+    def _release(self, address: int) -> None:
+        entry = self.owners[address]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.owners[address]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
+                continue
+            address = t.untyped_storage().data_ptr()
+            if address in inputs and address not in self.owners:
+                continue  # a view of (or an in-place op on) memory from before the block
+            entry = self.owners.setdefault(address, [0, t.untyped_storage().nbytes()])
+            if entry[0] == 0:
+                self.live += entry[1]
+                self.peak = max(self.peak, self.live)
+            entry[0] += 1
+            weakref.finalize(t, self._release, address)
+        return out
+
+
+def test_torch_path_temporaries_stay_within_the_chunk_budget(monkeypatch):
+    """The (C, V) float32 temporaries of a chunk fit FASTUNLEARN_TORCH_CHUNK_MB (exp(z - m) made 3 of them)."""
+    n_cols, rows_per_chunk = 1000, 8
+    budget = _ihl_torch._TEMPS_PER_ELEMENT * 4 * n_cols * rows_per_chunk
+    monkeypatch.setenv("FASTUNLEARN_TORCH_CHUNK_MB", str(budget / 2**20))
+    assert _ihl_torch.chunk_rows(n_cols) == rows_per_chunk
+    logits, labels = torch.randn(64, n_cols), torch.randint(0, n_cols, (64,))
+    per_row = 64 * 64  # outputs and (C,) temporaries: a few dozen bytes per row
+    with _PeakAllocations() as forward:
+        loss, stats, runner = _ihl_torch.ihl_forward(logits, labels, -100, 1.0)
+    assert forward.peak <= budget + per_row, forward.peak
+    grad = torch.empty_like(logits)
+    with _PeakAllocations() as backward:
+        _ihl_torch.ihl_backward(torch.ones(64), logits, labels, stats, runner, -100, 1.0, grad)
+    assert backward.peak <= budget + per_row, backward.peak

@@ -117,7 +117,7 @@ def test_continuations_equal_generate_per_prefix(memorized, kind):
     else:  # random weights; GPT-2's Conv1D layers and cache
         model, ids = tiny_model(kind), torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        table, _, row_of = metrics._greedy_continuations(model, ids, cache_mb=1024.0)
+        table, _, row_of = metrics.extraction._greedy_continuations(model, ids, cache_mb=1024.0)
         for t in range(1, T):
             prompt = ids[:, :t]
             generated = model.generate(
@@ -215,7 +215,7 @@ def test_bad_inputs_raise_naming_the_argument():
         metrics.extraction_likelihood(model, ids, 3, attention_mask=torch.tensor([[1] * 12, [1] * 3 + [0] * 9]))
     with pytest.raises(ValueError, match=r"attention_mask must be right padding \(each row ones, then zeros\)"):
         metrics.extraction_likelihood(model, ids, 3, attention_mask=torch.tensor([[1] * 12, [0] + [1] * 11]))
-    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         metrics.extraction_likelihood(model, ids, 0)
     with pytest.raises(ValueError, match=r"input_ids is empty \(shape \(0, 12\)\)"):
         metrics.extraction_likelihood(model, ids[:0], 3)
@@ -233,9 +233,9 @@ def test_bad_inputs_raise_naming_the_argument():
         metrics.extraction_likelihood(model, torch.zeros(1, 40, dtype=torch.long), 3)
     with pytest.raises(TypeError, match="eos_token_id must be an int token id or None, got 2.0"):
         metrics.extraction_likelihood_reference(model, ids, 3, eos_token_id=2.0)
-    with pytest.raises(ValueError, match="cache_mb must be a number > 0, got 0"):
+    with pytest.raises(ValueError, match="cache_mb must be a finite number > 0, got 0"):
         metrics.extraction_likelihood(model, ids, 3, cache_mb=0)
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         metrics.memorization_accuracy(model, ids, batch_size=0)
     with pytest.raises(ValueError, match="attention_mask leaves sequence 1 with fewer than 2 tokens"):
         metrics.memorization_accuracy(model, ids, torch.tensor([[1] * 12, [1] + [0] * 11]))

@@ -139,3 +139,12 @@ def stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:
     if epoch == cfg.max_epochs:
         return f"max_epochs ({cfg.max_epochs}) reached without meeting the criterion"
     return None
+
+
+def epoch_check(ma_of: Callable[[], float], el_of: Callable[[], float], criterion: dict) -> tuple[dict, bool]:
+    """One epoch end's stop check, the engine's rule for any training loop: the forget set's mean MA
+    (``ma_of()``), then its mean EL_n (``el_of()``) only when MA is within ``criterion["ma"]`` (EL is expensive;
+    None otherwise). Returns ({"ma", "el"}, :func:`criterion_met` of them)."""
+    ma = ma_of()
+    metrics = {"ma": ma, "el": el_of() if ma <= criterion["ma"] else None}
+    return metrics, criterion_met(metrics, criterion)

@@ -1,6 +1,6 @@
 """Table 1 of Cha et al. (arXiv 2408.06621) at small scale: unlearning methods compared on TDEC forget sets.
 
-    python benchmarks/table1.py --scale small    # ~11 min on one free CPU core; results in benchmarks/results/
+    python benchmarks/paper/table1.py --scale small    # ~11 min on one free CPU core; results in results/ here
 
 1. A BPE tokenizer trained on the utility text (Pile + WikiText) and a small GPT-Neo (both cached).
 2. A memorizer: LM training on Pile documents and WikiText passages, with the TDEC forget sequences mixed into
@@ -19,121 +19,24 @@ status 0 (skipped). Delete the cache folder (``--cache``) to rebuild the tokeniz
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import logging
 import math
 import os
-import platform
-import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tdec"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastunlearn"
 logger = logging.getLogger("table1")
 
-
-@dataclass(frozen=True)
-class Scale:
-    """Everything that sizes one benchmark: model, data, memorization and unlearning settings."""
-
-    layers: int
-    hidden: int
-    heads: int
-    vocab_size: int
-    seq_len: int  # tokens per forget / held-out / retain sequence (the first ones of each TDEC text)
-    context: int  # the model's max positions (LAMBADA passages and held-out documents use it)
-    forget_files: tuple[str, ...]  # one forget set per file, its first forget_size texts
-    forget_size: int
-    heldout_file: str  # TDEC sequences never trained on: the stop rule's reference
-    heldout_size: int
-    pile_heldout_docs: int  # the last Pile documents: never trained on, the held-out perplexity
-    retain_blocks: int  # WikiText blocks of seq_len tokens: the retain set
-    lambada_size: int  # LAMBADA passages scored
-    memorize_steps: int
-    batch_general: int  # Pile / WikiText blocks per memorizer batch
-    batch_forget: int  # forget sequences per memorizer batch
-    lr_memorize: float
-    rank: int  # LoRA / FILA rank (alpha = 2 x rank, as the official scripts)
-    max_epochs: int
-    lr_full: float  # the paper's is 5e-5 for full fine-tuning (small: x10, or GA barely moves the tiny model)
-    lr_adapter: float  # the paper's is 2e-4 for LoRA / FILA (small: x10, the same ratio)
-    lr_sweep: tuple[float, ...] = (2.0, 4.0, 8.0)  # "LoRA + IHL (tuned lr)": x lr_adapter, first that succeeds
-    seed: int = 0
-
-    def key(self, fields: tuple[str, ...] | None = None) -> str:
-        """A short hash of ``fields`` (default: all): cached builds and runs are reused only for equal keys."""
-        values = {k: v for k, v in asdict(self).items() if fields is None or k in fields}
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# what the tokenizer and the memorizer depend on (the unlearning settings are not among them)
-BUILD_FIELDS = (
-    "layers", "hidden", "heads", "vocab_size", "seq_len", "context", "forget_files", "forget_size",
-    "pile_heldout_docs", "memorize_steps", "batch_general", "batch_forget", "lr_memorize", "seed",
-)  # fmt: skip
-TABLE_METRICS = ("el", "ma", "retain_ppl", "heldout_ppl", "lambada_acc", "lambada_ppl")  # means over forget sets
-
-SCALES = {
-    "small": Scale(
-        layers=4, hidden=128, heads=4, vocab_size=4096, seq_len=64, context=128,
-        forget_files=("lm_extraction_32_0.csv", "lm_extraction_32_1.csv"), forget_size=16,
-        heldout_file="lm_extraction_32_2.csv", heldout_size=32, pile_heldout_docs=150, retain_blocks=64,
-        lambada_size=500, memorize_steps=700, batch_general=16, batch_forget=8, lr_memorize=2e-3, rank=8,
-        max_epochs=20, lr_full=5e-4, lr_adapter=2e-3,
-    ),
-    "full": Scale(
-        layers=6, hidden=256, heads=8, vocab_size=8192, seq_len=200, context=256,
-        forget_files=("lm_extraction_32_0.csv", "lm_extraction_32_1.csv", "lm_extraction_128_0.csv"), forget_size=32,
-        heldout_file="lm_extraction_32_2.csv", heldout_size=32, pile_heldout_docs=150, retain_blocks=128,
-        lambada_size=2000, memorize_steps=3000, batch_general=16, batch_forget=16, lr_memorize=1e-3, rank=16,
-        max_epochs=20, lr_full=5e-5, lr_adapter=2e-4,
-    ),
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    params: str  # "full" | "lora" | "fila"
-    forget_loss: str  # "ga" | "ihl"
-    retain_weight: float
-    row_weighting: str | None = None  # FILA's row weights: "fisher" | "uniform" | "ones"
-    lr_factors: tuple[float, ...] = (1.0,)  # tried in order until one meets the criterion
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
-
-
-def methods(scale: Scale) -> list[Method]:
-    return [
-        Method("GA", "full", "ga", 0.0),
-        Method("GD", "full", "ga", 1.0),
-        Method("LoRA + GD", "lora", "ga", 1.0),
-        Method("LoRA + IHL", "lora", "ihl", 1.0),
-        Method("FILA + IHL", "fila", "ihl", 1.0, "fisher"),
-        Method("SVD init, uniform rows + IHL", "fila", "ihl", 1.0, "uniform"),
-        Method("SVD init, rows 1 (PiSSA-like) + IHL", "fila", "ihl", 1.0, "ones"),
-        Method("LoRA + IHL (tuned lr)", "lora", "ihl", 1.0, lr_factors=scale.lr_sweep),
-    ]
-
-
-@dataclass
-class Data:
-    forget: dict[str, object]  # forget set name -> SequenceSet
-    retain: object  # SequenceSet of WikiText blocks
-    heldout: object  # SequenceSet of TDEC sequences never trained on
-    general: object  # SequenceSet of Pile + WikiText blocks: the memorizer's LM data
-    pile_heldout: list  # token ids of Pile documents never trained on
-    lambada: list[tuple[list[int], list[int]]]  # (context ids, last-word ids)
-    sizes: dict = field(default_factory=dict)
+sys.path.insert(0, str(HERE))  # table1_config, table1_report beside this script
+from table1_config import BUILD_FIELDS, SCALES, Data, Method, Scale, methods  # noqa: E402
+from table1_report import _mean, aggregate, caption_text, table_markdown, verdicts, write_outputs  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,157 +265,13 @@ def run_method(memorized: Path, data: Data, scale: Scale, method: Method, forget
     return {**summary, "lr_factor": factor}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Table, verdicts, plot
-# ---------------------------------------------------------------------------------------------------------
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
-def aggregate(results: dict[str, list[dict]]) -> list[dict]:
-    rows = []
-    for name, runs in results.items():
-        failed = sum(not r["success"] for r in runs)
-        factors = sorted({r["lr_factor"] for r in runs})
-        rows.append({
-            "method": name, "lr": sorted({r["lr"] for r in runs}),
-            "lr_factor": factors if factors != [1.0] else None,
-            "params_percent": _mean(r["params_percent"] for r in runs),
-            "epochs": _mean(r["epochs"] for r in runs) if not failed else None, "failed": failed, "runs": len(runs),
-            **{k: _mean(r[k] for r in runs) for k in TABLE_METRICS},
-        })  # fmt: skip
-    return rows
-
-
-def verdicts(rows: list[dict], before: dict, max_epochs: int) -> dict:
-    """The issue's targets: FILA+IHL reaches the criterion in fewer epochs than LoRA+GD, and its retain perplexity
-    moves less than GA's and GD's: |relative change| from the memorized model's (stored signed), means over the
-    forget sets."""
-    by = {r["method"]: r for r in rows}
-
-    def epochs(name: str) -> float:  # a failure counts as more than max_epochs
-        return max_epochs + 1 if by[name]["epochs"] is None else by[name]["epochs"]
-
-    def change(name: str) -> float:
-        return by[name]["retain_ppl"] / before["retain_ppl"] - 1
-
-    fila, lora_gd = epochs("FILA + IHL"), epochs("LoRA + GD")
-    return {
-        "fila_fewer_epochs_than_lora_gd": {
-            "holds": fila < lora_gd,
-            "fila_ihl": fila,
-            "lora_gd": lora_gd,
-            "failure_counts_as": max_epochs + 1,
-        },
-        "fila_retain_ppl_moves_less_than_ga_and_gd": {
-            "holds": abs(change("FILA + IHL")) < min(abs(change("GA")), abs(change("GD"))),
-            **{name: change(name) for name in ("FILA + IHL", "GA", "GD")},
-        },
-    }
-
-
-def table_markdown(rows: list[dict], before: dict, caption: str, verdict: dict) -> str:
-    head = ("| Method | Params % | Epochs | EL_10 (%) | MA (%) | Retain PPL (WikiText) | Held-out PPL (Pile) "
-            "| LAMBADA acc (%) | LAMBADA word PPL |")  # fmt: skip
-    lines = [caption, "", head, "|" + " --- |" * 9]
-    lines.append(
-        f"| Before (memorized) | – | – | {100 * before['el']:.2f} | {100 * before['ma']:.1f} | "
-        f"{before['retain_ppl']:.2f} | {before['heldout_ppl']:.2f} | {100 * before['lambada_acc']:.1f} | "
-        f"{before['lambada_ppl']:.1f} |"
-    )
-    lines.append(
-        f"| Held-out TDEC (criterion) | – | – | {100 * before['heldout_el']:.2f} | "
-        f"{100 * before['heldout_ma']:.1f} | | | | |"
-    )
-    for r in rows:
-        name = r["method"] + (f" (lr ×{'/'.join(f'{f:g}' for f in r['lr_factor'])})" if r["lr_factor"] else "")
-        epochs = f"fail ({r['failed']}/{r['runs']})" if r["failed"] else f"{r['epochs']:.1f}"
-        lines.append(
-            f"| {name} | {r['params_percent']:.2f} | {epochs} | {100 * r['el']:.2f} | "
-            f"{100 * r['ma']:.1f} | {r['retain_ppl']:.2f} | {r['heldout_ppl']:.2f} | {100 * r['lambada_acc']:.1f} | "
-            f"{r['lambada_ppl']:.1f} |"
-        )
-    a, b = verdict["fila_fewer_epochs_than_lora_gd"], verdict["fila_retain_ppl_moves_less_than_ga_and_gd"]
-    holds = {True: "holds", False: "does not hold"}
-    lines += [
-        "", "Targets:",
-        f"- FILA + IHL reaches the criterion in fewer epochs than LoRA + GD: **{holds[a['holds']]}** "
-        f"({a['fila_ihl']:g} vs {a['lora_gd']:g} epochs; {a['failure_counts_as']} = failed on some forget set).",
-        f"- FILA + IHL's retain perplexity moves less than GA's and GD's: **{holds[b['holds']]}** (change "
-        f"from before: FILA + IHL {100 * b['FILA + IHL']:+.1f}%, GA {100 * b['GA']:+.1f}%, GD {100 * b['GD']:+.1f}%; "
-        "compared by size).",
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def caption_text(scale: Scale, scale_name: str, model_params: int, data: Data, before: dict, wall_s: float) -> str:
-    import torch
-
-    from fastunlearn.engine import DEFAULT_LR
-
-    forget = ", ".join(f"{n} ({k} seqs)" for n, k in data.sizes["forget"].items())
-    return (
-        f"**Table 1 ({scale_name} scale), after Cha et al. arXiv 2408.06621.** GPT-Neo with {scale.layers} layers, "
-        f"width {scale.hidden}, {model_params / 1e6:.2f} M parameters, byte-level BPE of {scale.vocab_size} tokens "
-        f"trained on the utility text. Memorizer: {scale.memorize_steps} AdamW steps of {scale.batch_general} "
-        f"Pile/WikiText blocks + {scale.batch_forget} forget sequences ({data.sizes['general_tokens']:,} general "
-        f"tokens). Forget sets: the first {scale.seq_len} tokens of TDEC texts, {forget}; held-out set: "
-        f"{data.sizes['heldout']} sequences of {scale.heldout_file}, never trained on. Reductions from the paper: "
-        f"a small model trained here instead of GPT-Neo 125M-2.7B, {scale.seq_len}-token instead of 200-token "
-        f"sequences, {len(scale.forget_files)} forget sets of {scale.forget_size} instead of 5 of 32, LoRA rank "
-        f"{scale.rank} (alpha {2 * scale.rank}), LAMBADA accuracy on {data.sizes['lambada']} passages as the "
-        f"utility proxy (accuracy of greedy last-word decoding, and perplexity of the last word's tokens) instead of "
-        f"the reasoning / dialogue suites. Retain set: {scale.retain_blocks} WikiText blocks "
-        f"(retain loss and retain PPL: the methods with a retain loss train on these blocks, and the small memorizer "
-        f"is far from converged on them, so they can lower it). Held-out PPL: {data.sizes['pile_heldout_docs']} "
-        f"Pile documents never trained on. Stop rule (the paper's): forget EL_10 ≤ {before['heldout_el']:.4f} and MA ≤ "
-        f"{before['heldout_ma']:.4f} (held-out values before unlearning), one AdamW update per epoch, at most "
-        f"{scale.max_epochs} epochs; lr {scale.lr_full:g} (full) / {scale.lr_adapter:g} (adapters), the paper's "
-        f"{DEFAULT_LR['full']:g} / {DEFAULT_LR['lora']:g} ×{scale.lr_full / DEFAULT_LR['full']:g}; "
-        f"the tuned LoRA + IHL row takes the first of ×{', ×'.join(f'{f:g}' for f in scale.lr_sweep)} that meets "
-        f"the criterion. Values are means over the forget sets, measured after unlearning. Machine: "
-        f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; wall time {wall_s / 60:.1f} min."
-    )
-
-
-def write_plot(path: Path, results: dict[str, list[dict]], before_curves: dict) -> None:
-    from matplotlib.figure import Figure
-
-    from fastunlearn.report import atomic_write
-
-    sets = list(before_curves)
-    fig = Figure(figsize=(6 * len(sets), 8), layout="constrained")
-    axes = fig.subplots(2, len(sets), squeeze=False)
-    for col, forget_set in enumerate(sets):
-        start = before_curves[forget_set]
-        for name, runs in results.items():
-            run = next(r for r in runs if r["forget_set"] == forget_set)
-            x = [0, *(e["epoch"] for e in run["curve"])]
-            (line,) = axes[0, col].plot(x, [start["ma"], *(e["forget_ma"] for e in run["curve"])], "o-", ms=3,
-                                        label=name)  # fmt: skip
-            axes[1, col].plot(x, [start["retain_ppl"], *(e["retain_ppl"] for e in run["curve"])], "o-", ms=3,
-                              color=line.get_color())  # fmt: skip
-        axes[0, col].axhline(start["criterion_ma"], color="k", ls=":", label="held-out MA (criterion)")
-        axes[0, col].set(title=f"forget set {forget_set}", ylabel="forget MA", ylim=(-0.02, 1.02))
-        axes[1, col].set(xlabel="epoch (one update each)", ylabel="retain PPL (WikiText)", yscale="log")
-    axes[0, 0].legend(fontsize="small")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write(path, buffer.getvalue())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="benchmark size (default: small)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"TDEC data folder (default: {DEFAULT_DATA})")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/table1-<scale>)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/paper/results/table1-<scale>)")
     parser.add_argument(
         "--cache", type=Path, help="cache root: the tokenizer, memorizer and runs go in <cache>/table1-<scale>-<key> "
         f"(default: {DEFAULT_CACHE}, outside the repository: ~100 MB)",
@@ -537,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
-    out = args.out or REPO / "benchmarks" / "results" / f"table1-{args.scale}"
+    out = args.out or HERE / "results" / f"table1-{args.scale}"
     cache = (args.cache or DEFAULT_CACHE) / f"table1-{args.scale}-{scale.key(BUILD_FIELDS)}"
     start = time.perf_counter()
     tokenizer = build_tokenizer(args.data, scale, cache)
@@ -569,23 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(out, rows, results, before, caption, verdict, scale, data, wall_s)
     print(table_markdown(rows, before, caption, verdict))
     return 0
-
-
-def write_outputs(out, rows, results, before, caption, verdict, scale, data, wall_s) -> None:
-    from fastunlearn.report import atomic_write, write_json
-
-    curves = {
-        r["forget_set"]: {"ma": r["baseline"]["forget"][0]["ma"], "retain_ppl": r["baseline"]["retain_ppl"],
-                          "criterion_ma": r["criterion"]["ma"]}
-        for r in results["GA"]
-    }  # fmt: skip
-    atomic_write(out / "table1.md", table_markdown(rows, before, caption, verdict))
-    write_json(out / "table1.json", {
-        "scale": asdict(scale), "data": data.sizes, "before": before, "rows": rows, "verdicts": verdict,
-        "runs": {name: [{k: v for k, v in r.items() if k != "baseline"} for r in rs] for name, rs in results.items()},
-        "wall_s": wall_s, "caption": caption,
-    })  # fmt: skip
-    write_plot(out / "table1.png", results, curves)
 
 
 if __name__ == "__main__":

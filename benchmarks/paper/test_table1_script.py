@@ -1,10 +1,11 @@
-"""benchmarks/table1.py as a user runs it: --help, and a clean skip when the TDEC data folder is absent."""
+"""benchmarks/paper/table1.py as a user runs it: --help, and a clean skip when the TDEC data folder is absent.
+Run by .ci/run as its own pytest session (``pytest benchmarks/paper``)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "table1.py"
+SCRIPT = Path(__file__).resolve().parent / "table1.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -1,23 +1,5 @@
-"""Evaluation metrics of the TDEC protocol (Jang et al. 2023) as Cha et al. use them: MA, EL_n, perplexity.
-
-For a sequence x = (x_0, ..., x_{T-1}) and a causal LM, g_t = argmax p(. | x_<t) is the greedy next token.
-
-- **MA** (memorization accuracy): sum_{t=1}^{T-1} [g_t == x_t] / (T - 1), from one teacher-forced forward.
-- **EL_n** (extraction likelihood, n = 10 by default): for each prefix length t = 1..T-1, greedily continue
-  x_<t up to length T and compare the continuation's n-grams with those of the true suffix x_>=t:
-  overlap_t = #(continuation n-grams, with multiplicity, in the *set* of suffix n-grams) / #(suffix n-grams).
-  Prefixes whose suffix is shorter than n are skipped and EL_n = sum_t overlap_t / (T - n), as in
-  joeljang/knowledge-unlearning (``validation_el``: one ``generate`` call per prefix length, the overlaps
-  summed from the longest prefix down). Both EL functions do those float operations in that order, so equal
-  continuations give bit-equal values. Sequences of T <= n tokens raise (no prefix is scored); a right-padded
-  batch (``attention_mask``) is scored per sequence length.
-  ``eos_token_id``: a continuation ends at its first EOS (kept), as ``generate`` stops there; its n-grams
-  are those of the tokens up to it. (Jang et al. pad finished rows with EOS up to the batch's length, which
-  adds EOS-padded n-grams that match only a suffix holding the same EOS run.) None: never stop.
-- **Perplexity**: exp(sum of next-token NLL / number of predicted tokens) over a set of sequences. A sequence
-  longer than ``context`` is scored in windows of ``context`` tokens starting every ``stride`` tokens; each
-  window scores only the tokens after the previous window's end (the HF perplexity guide): every token but
-  the first is scored once, with as much left context as the windows give (when stride < context).
+"""EL_n, extraction likelihood (see ``fastunlearn.metrics`` for the definition): the reference (one ``generate``
+call per prefix length) and the fast path.
 
 **Fast EL.** One teacher-forced forward gives every g_t and the KV cache of every prefix (the keys and
 values of positions < t do not depend on later tokens). If g_t == x_t, the greedy continuation of x_<t is x_t
@@ -40,114 +22,36 @@ The cache handling needs the ``Cache``/``DynamicLayer`` API of transformers 5 (r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import distributed as dist_utils
+from .._optional import missing
+from .._validate import check_int, check_number, is_int
+from ._common import check_batch, inference, progress
 
-METRICS = ("ma", "el", "ppl")
+try:
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as exc:
+    raise missing("transformers", "engine", "fastunlearn.metrics") from exc
+
 # transformers 5.x renamed past_key_values (forward argument and output field) to cache
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-
-
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[torch.device]:
-    """Eval mode (no dropout) without autograd; yields the model's device and restores its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield next(model.parameters()).device
-    finally:
-        model.train(was_training)
-
-
-def _progress(iterable, desc: str, **kwargs):
-    """A progress bar on a terminal, shown by rank 0 only in a multi-process run."""
-    return tqdm(iterable, desc=desc, leave=False, disable=None if dist_utils.current().is_main else True, **kwargs)
-
-
-def _check_positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
-
-
-def _check_token_ids(name: str, ids, model: nn.Module) -> Tensor:
-    """A 1-D or 2-D integer tensor of ids in [0, vocab_size); returned as int64 on the CPU."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
-    vocab = model.config.vocab_size
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"{name} holds token ids outside [0, {vocab}) (the model's vocab_size): min {low}, max {high}")
-    return ids.long().cpu()
-
-
-def _check_batch(model: nn.Module, input_ids, min_tokens: int) -> Tensor:
-    """(N, T) token ids with N >= 1 and min_tokens <= T <= the model's context."""
-    ids = _check_token_ids("input_ids", input_ids, model)
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (N, T), got {tuple(ids.shape)}")
-    if ids.shape[1] < min_tokens:
-        raise ValueError(f"input_ids needs at least {min_tokens} tokens per sequence, got T={ids.shape[1]}")
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and ids.shape[1] > context:
-        raise ValueError(f"input_ids has T={ids.shape[1]} tokens but the model's context is {context}")
-    return ids
-
-
-def memorization_accuracy(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, batch_size: int = 32
-) -> Tensor:
-    """MA of each sequence (N,) float64: the fraction of predicted positions t (x_t and x_{t-1} not padding)
-    where argmax p(. | x_<t) == x_t. One teacher-forced forward per ``batch_size`` sequences; padding may be
-    on either side (the position ids follow ``attention_mask``)."""
-    ids = _check_batch(model, input_ids, 2)
-    _check_positive("batch_size", batch_size)
-    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}")
-    scored = mask[:, 1:] & mask[:, :-1]  # (N, T-1): the predicted token and the one before it are real
-    empty = (scored.sum(1) == 0).nonzero().flatten()
-    if len(empty):
-        raise ValueError(f"attention_mask leaves sequence {int(empty[0])} with fewer than 2 tokens: MA is undefined")
-    hits = []
-    with _inference(model) as device:
-        for x, m in _progress(
-            zip(ids.split(batch_size), mask.split(batch_size)), "MA", total=-(-len(ids) // batch_size)
-        ):
-            x, m, kwargs = x.to(device), m.to(device), {}
-            if attention_mask is not None:
-                kwargs = {"attention_mask": m.long(), "position_ids": (m.cumsum(1) - 1).clamp(min=0)}
-            logits = model(input_ids=x, **kwargs).logits  # (B, T, V)
-            hits.append((logits[:, :-1].argmax(-1) == x[:, 1:]).cpu())
-    hits = torch.cat(hits) & scored
-    return hits.sum(1).double() / scored.sum(1)
 
 
 def _el_by_length(model: nn.Module, input_ids, attention_mask, n: int, eos_token_id, batch_size: int, desc: str,
                   batch_el: Callable[[Tensor], list[float]]) -> Tensor:  # fmt: skip
     """Checks the EL arguments, then fills EL (N,) float64 with ``batch_el`` of ``batch_size`` sequences of equal
     length at a time, on the model's device: padding (right side only) is removed and sequences grouped by length."""
-    _check_positive("n", n)
-    _check_positive("batch_size", batch_size)
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
+    if eos_token_id is not None and not is_int(eos_token_id):
         raise TypeError(f"eos_token_id must be an int token id or None, got {eos_token_id!r}")
-    ids = _check_batch(model, input_ids, 2)
+    ids = check_batch(model, input_ids, 2)
     lengths = torch.full((len(ids),), ids.shape[1])
     if attention_mask is not None:
         mask = attention_mask.cpu().bool()
@@ -163,10 +67,10 @@ def _el_by_length(model: nn.Module, input_ids, attention_mask, n: int, eos_token
             f"prefix of one), sequence {int(short[0])} has {int(lengths[short[0]])}"
         )
     el = torch.empty(len(ids), dtype=torch.float64)
-    with _inference(model) as device:
+    with inference(model) as device:
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
-            for chunk in _progress(rows.split(batch_size), desc, total=-(-len(rows) // batch_size)):
+            for chunk in progress(rows.split(batch_size), desc, total=-(-len(rows) // batch_size)):
                 el[chunk] = torch.tensor(batch_el(ids[chunk, :length].to(device)), dtype=torch.float64)
     return el
 
@@ -194,7 +98,7 @@ def extraction_likelihood_reference(
 
     def batch_el(x: Tensor) -> list[float]:
         T, total = x.shape[1], [0.0] * len(x)
-        for t in _progress(reversed(range(1, T)), "EL (generate per prefix)", total=T - 1):
+        for t in progress(reversed(range(1, T)), "EL (generate per prefix)", total=T - 1):
             prompt = x[:, :t]
             out = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), max_length=T, do_sample=False, num_beams=1,
@@ -254,7 +158,7 @@ def _decode(
         hi = min(lo + group, todo)
         layers = [_BufferLayer(k, v) for k, v in buffers]
         active = lo
-        for p in _progress(range(start[lo], T - 1), f"EL decode rows {lo}-{hi} of {todo}"):
+        for p in progress(range(start[lo], T - 1), f"EL decode rows {lo}-{hi} of {todo}"):
             joined = active
             while active < hi and start[active] == p:
                 active += 1
@@ -350,8 +254,7 @@ def extraction_likelihood(
     where the model deviates from the sequence (none for a sequence it reproduces), at most as many together as
     fit a KV cache of ``cache_mb`` MiB at full length.
     """
-    if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not cache_mb > 0:
-        raise ValueError(f"cache_mb must be a number > 0, got {cache_mb!r}")
+    check_number("cache_mb", cache_mb, 0, strict=True)
 
     def batch_el(x: Tensor) -> list[float]:
         table, owner, row_of = _greedy_continuations(model, x, cache_mb)
@@ -359,111 +262,3 @@ def extraction_likelihood(
         return [_el_from_overlaps(h, x.shape[1], n) for h in hits.tolist()]
 
     return _el_by_length(model, input_ids, attention_mask, n, eos_token_id, batch_size, "EL", batch_el)
-
-
-def _as_sequences(model: nn.Module, sequences) -> list[Tensor]:
-    if isinstance(sequences, Tensor):
-        ids = _check_token_ids("sequences", sequences, model)
-        if ids.dim() != 2:
-            raise ValueError(f"sequences must have shape (N, L) or be a list of 1-D sequences, got {tuple(ids.shape)}")
-        seqs = list(ids)
-    elif isinstance(sequences, Sequence) and not isinstance(sequences, str):
-        if len(sequences) == 0:
-            raise ValueError("sequences is empty")
-        seqs = [_check_token_ids(f"sequences[{i}]", torch.as_tensor(s), model) for i, s in enumerate(sequences)]
-    else:
-        raise TypeError(f"sequences must be a (N, L) tensor or a list of 1-D sequences, got {type(sequences).__name__}")
-    for i, s in enumerate(seqs):
-        if s.dim() != 1 or len(s) < 2:
-            raise ValueError(f"sequences[{i}] must be 1-D with at least 2 tokens, got shape {tuple(s.shape)}")
-    return seqs
-
-
-def sequence_nll(
-    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8
-) -> tuple[Tensor, Tensor]:
-    """(summed next-token NLL (N,) float64, number of scored tokens (N,) int64) of each sequence.
-
-    ``sequences``: a (N, L) tensor or a list of 1-D sequences of any lengths. Windows of at most ``context``
-    tokens (default: the model's ``max_position_embeddings``) start every ``stride`` tokens (default context // 2)
-    and score the tokens after the previous window's end; ``batch_size`` windows per forward, right-padded
-    (causal attention: padding after a token never changes its logits).
-    """
-    seqs = _as_sequences(model, sequences)
-    context = context if context is not None else getattr(model.config, "max_position_embeddings", None)
-    if context is None:
-        raise ValueError("context is None and the model's config has no max_position_embeddings: pass context")
-    _check_positive("context", context)
-    if context < 2:
-        raise ValueError(f"context must be >= 2 (a window predicts its tokens after the first), got {context}")
-    stride = context // 2 if stride is None else stride
-    _check_positive("stride", stride)
-    if stride > context:
-        raise ValueError(f"stride must be <= context ({context}), got {stride}")
-    _check_positive("batch_size", batch_size)
-    windows = []  # (sequence, begin, end, first scored position)
-    for i, s in enumerate(seqs):
-        prev_end = 0
-        for begin in range(0, len(s), stride):
-            end = min(begin + context, len(s))
-            windows.append((i, begin, end, max(prev_end, begin + 1)))
-            prev_end = end
-            if end == len(s):
-                break
-    nll = torch.zeros(len(seqs), dtype=torch.float64)
-    count = torch.zeros(len(seqs), dtype=torch.int64)
-    with _inference(model) as device:
-        for lo in _progress(range(0, len(windows), batch_size), "perplexity"):
-            batch = windows[lo : lo + batch_size]
-            ids = torch.zeros(len(batch), max(end - begin for _, begin, end, _ in batch), dtype=torch.long)
-            scored = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)  # by target position - 1
-            for j, (i, begin, end, first) in enumerate(batch):
-                ids[j, : end - begin] = seqs[i][begin:end]
-                scored[j, first - begin - 1 : end - begin - 1] = True
-            logits = model(input_ids=ids.to(device)).logits[:, :-1].float()  # (W, width - 1, V)
-            token_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none").cpu()
-            owner = torch.tensor([w[0] for w in batch])
-            nll.index_add_(0, owner, torch.where(scored, token_nll.double(), 0.0).sum(1))
-            count.index_add_(0, owner, scored.sum(1))
-    return nll, count
-
-
-def perplexity(
-    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8
-) -> float:
-    """exp(total NLL / total scored tokens) over ``sequences`` (token-weighted; see ``sequence_nll``)."""
-    nll, count = sequence_nll(model, sequences, context=context, stride=stride, batch_size=batch_size)
-    return math.exp(nll.sum().item() / count.sum().item())
-
-
-def evaluate(
-    model: nn.Module,
-    sets: dict[str, Tensor],
-    *,
-    metrics: Sequence[str] = ("ma", "el"),
-    n: int = 10,
-    eos_token_id: int | None = None,
-    batch_size: int = 32,
-    cache_mb: float = 1024.0,
-) -> dict[str, dict[str, float]]:
-    """{set name: {metric: value}} for (N, T) token sets: "ma" and "el" (EL_n) are means over the set's
-    sequences, "ppl" the set's token-weighted perplexity. Each metric's function is also callable alone."""
-    if not isinstance(sets, dict) or not sets:
-        raise ValueError(f"sets must be a non-empty dict of name -> (N, T) token ids, got {sets!r}")
-    unknown = [m for m in metrics if m not in METRICS]
-    if isinstance(metrics, str) or not metrics or unknown:
-        raise ValueError(f"metrics must be a non-empty sequence of {METRICS}, got {metrics!r}")
-    results = {}
-    for name, ids in sets.items():
-        row = {}
-        if "ma" in metrics:
-            row["ma"] = memorization_accuracy(model, ids, batch_size=batch_size).mean().item()
-        if "el" in metrics:
-            el = extraction_likelihood(
-                model, ids, n, eos_token_id=eos_token_id, batch_size=batch_size, cache_mb=cache_mb
-            )
-            row["el"] = el.mean().item()
-        if "ppl" in metrics:
-            row["ppl"] = perplexity(model, ids, batch_size=batch_size)
-        results[name] = row
-    return results

@@ -1,0 +1,84 @@
+"""Forget / retain pairs for a Hugging Face ``Trainer``: the dataset, its collator, and the step's target counts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ...data import SequenceSet
+from ...objectives import count_targets as count_next_token_targets
+
+FORGET_KEYS = ("forget_input_ids", "forget_attention_mask")
+RETAIN_KEYS = ("retain_input_ids", "retain_attention_mask")
+BATCH_KEYS = FORGET_KEYS + RETAIN_KEYS
+
+
+def _check_set(name: str, seqs: object) -> None:
+    if not isinstance(seqs, SequenceSet):
+        raise TypeError(f"{name} must be a fastunlearn.data.SequenceSet, got {type(seqs).__name__}")
+    if len(seqs) == 0:
+        raise ValueError(f"{name} is empty: it has no sequences")
+
+
+class ForgetRetainDataset(Dataset):
+    """Item i: forget row i and, with a retain set, retain row i mod len(retain) (1-D int64 tensors keyed by
+    ``BATCH_KEYS``). Its length is the forget set's, so one epoch sees every forget sequence once."""
+
+    def __init__(self, forget: SequenceSet, retain: SequenceSet | None = None) -> None:
+        _check_set("forget", forget)
+        if retain is not None:
+            _check_set("retain", retain)
+        self.forget, self.retain = forget, retain
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = range(len(self))[index]  # IndexError out of range; negative indices count from the end
+        item = {
+            "forget_input_ids": self.forget.input_ids[index],
+            "forget_attention_mask": self.forget.attention_mask[index],
+        }
+        if self.retain is not None:
+            paired = index % len(self.retain)
+            item["retain_input_ids"] = self.retain.input_ids[paired]
+            item["retain_attention_mask"] = self.retain.attention_mask[paired]
+        return item
+
+
+def collate_forget_retain(features: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack the items of :class:`ForgetRetainDataset` into a batch: each key (L,) -> (B, L)."""
+    if not features:
+        raise ValueError("features is empty: no items to collate")
+    keys = list(features[0])
+    for index, feature in enumerate(features):
+        if list(feature) != keys:
+            raise ValueError(f"feature {index} has keys {list(feature)}, feature 0 has {keys}")
+    return {key: torch.stack([feature[key] for feature in features]) for key in keys}
+
+
+def _require(inputs: Mapping[str, Tensor], keys: tuple[str, ...], why: str) -> tuple[Tensor, Tensor]:
+    for key in keys:
+        if key not in inputs:
+            raise ValueError(f"the batch has no {key!r} ({why}); it has {sorted(inputs)}")
+    return inputs[keys[0]], inputs[keys[1]]
+
+
+def count_targets(batches: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """(2,) int64: the forget and retain next-token targets of ``batches`` (the micro-batches of one optimizer
+    step), on their device; the ``num_items_in_batch`` of :func:`unlearning_compute_loss`. No retain keys: 0."""
+    if not batches:
+        raise ValueError("batches is empty: no targets to count")
+    counts = []
+    for batch in batches:
+        retain_mask = batch.get(RETAIN_KEYS[1])
+        forget = count_next_token_targets(*_require(batch, FORGET_KEYS, "every batch needs its forget sequences"))
+        if retain_mask is None:
+            retain = forget.new_zeros(())
+        else:
+            retain = count_next_token_targets(*_require(batch, RETAIN_KEYS, "its retain mask needs retain sequences"))
+        counts.append(torch.stack([forget, retain]))
+    return torch.stack(counts).sum(0)  # (batches, 2) -> (2,)
