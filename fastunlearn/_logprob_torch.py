@@ -2,7 +2,10 @@
 reference the tests check every path against.
 
 Row convention (one chunk of rows): logits (C, V) in any float dtype, labels (C,) int64 with ``ignore_index``
-rows. Statistics are float32: lse_i = logsumexp_v z_iv, logp_i = z_{i,y_i} - lse_i (0 at ignored rows).
+rows. Statistics (C, 2) float32: m_i = max_v z_iv and s_i = log sum_v exp(z_iv - m_i), so that
+logp_i = (z_{i,y_i} - m_i) - s_i (0 at ignored rows) and softmax(z_i) = exp((z_i - m_i) - s_i). Keeping m and s
+apart (instead of lse = m + s) avoids rounding lse at the logits' magnitude: with |z| ~ 1e4 one float32 ulp of
+lse is ~1e-3, which would shift every log-probability and softmax entry by that much.
 
 Gradient of logp_i with respect to the row's logits z_i (V,):
 
@@ -20,20 +23,22 @@ from torch import Tensor
 
 
 def logprob_forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(logp (C,), lse (C,)) in float32 of ``logits`` (C, V) against ``labels`` (C,); logp 0 at ignored rows."""
+    """(logp (C,), stats (C, 2) = [m, s]) in float32 of ``logits`` (C, V) against ``labels`` (C,); logp 0 at
+    ignored rows."""
     z = logits.float()  # (C, V)
-    lse = torch.logsumexp(z, dim=1)  # (C,)
+    m = z.amax(dim=1)  # (C,)
+    s = torch.exp(z - m[:, None]).sum(dim=1).log()  # (C,)
     valid = labels != ignore_index
     picked = z.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)  # z_{i, y_i}
-    return torch.where(valid, picked - lse, 0.0), lse
+    return torch.where(valid, (picked - m) - s, 0.0), torch.stack([m, s], dim=1)
 
 
-def logprob_backward(grad_rows: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int) -> Tensor:
-    """dz (C, V) float32 = g_i (onehot(y_i) - softmax(z_i)) with g = ``grad_rows`` (C,); 0 at ignored rows
-    (whatever their logits hold, NaN included)."""
+def logprob_backward(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, ignore_index: int) -> Tensor:
+    """dz (C, V) float32 = g_i (onehot(y_i) - softmax(z_i)) with g = ``grad_rows`` (C,) and ``stats`` from
+    :func:`logprob_forward`; 0 at ignored rows (whatever their logits hold, NaN included)."""
     valid = labels != ignore_index
     g = torch.where(valid, grad_rows.float(), 0.0)  # (C,)
-    dz = torch.exp(logits.float() - lse[:, None])  # softmax (C, V)
+    dz = torch.exp((logits.float() - stats[:, :1]) - stats[:, 1:])  # softmax (C, V)
     dz.mul_(-g[:, None])
     dz.scatter_add_(1, torch.where(valid, labels, 0)[:, None], g[:, None])
     return dz.masked_fill_(~valid[:, None], 0.0)

@@ -3,9 +3,10 @@ gradient ascent are built from (``fastunlearn.objectives``).
 
 - :func:`token_logprob`: from logits (..., V) a caller already has.
 - :func:`fused_linear_logprob`: from the last hidden states and the LM head, never holding the (N, V) logits.
-  Rows are processed in chunks: z_c = h_c Wᵀ + b (C, V) in the inputs' dtype, then in float32
-  lse_c = logsumexp(z_c), logp_c = z_{c,y} - lse_c (``_logprob_torch`` derives the gradient). Only the
-  (N,) float32 lse is kept for backward, which recomputes each chunk's logits (the per-token grad_output is
+  Rows are processed in chunks: z_c = h_c Wᵀ + b (C, V) in the inputs' dtype, then in float32 the row max
+  m_c and log-sum s_c = log sum exp(z_c - m_c), logp_c = (z_{c,y} - m_c) - s_c (``_logprob_torch`` derives
+  the gradient). Only the (N, 2) float32 [m, s] is kept for backward, which recomputes each chunk's logits (the
+  per-token grad_output is
   known only then) and forms dz_c = g_c (onehot(y_c) - softmax(z_c)) in float32, then
   grad_h_c = dz_c W and grad_W += dz_cᵀ h_c, grad_b += sum_c dz_c, accumulated in float32 with ``addmm``.
   Peak extra memory: one float32 (C, V) chunk (two during backward) and the gradients. 2 GEMMs forward,
@@ -42,31 +43,31 @@ def token_logprob(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -
 
 
 def _chunked_logprob(hidden, weight, bias, labels, ignore_index, step, ops) -> tuple[Tensor, Tensor]:
-    """(logp (N,), lse (N,)) float32 of hidden (N, H) @ weight (V, H).T + bias, ``step`` rows at a time."""
+    """(logp (N,), stats (N, 2)) float32 of hidden (N, H) @ weight (V, H).T + bias, ``step`` rows at a time."""
     n_rows = hidden.shape[0]
     logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    stats = torch.empty((n_rows, 2), dtype=torch.float32, device=hidden.device)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         h = hidden[rows]  # (C, H)
         z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (C, V)
-        logp[rows], lse[rows] = ops.logprob_forward(z, labels[rows], ignore_index)
-    return logp, lse
+        logp[rows], stats[rows] = ops.logprob_forward(z, labels[rows], ignore_index)
+    return logp, stats
 
 
 class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, step, impl):
         ops = _dispatch.implementation("logprob", impl)
-        logp, lse = _chunked_logprob(hidden, weight, bias, labels, ignore_index, step, ops)
+        logp, stats = _chunked_logprob(hidden, weight, bias, labels, ignore_index, step, ops)
         ctx.options = (ignore_index, step, impl, tuple(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         ignore_index, step, impl, (want_h, want_w, want_b) = ctx.options
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, stats = ctx.saved_tensors
         ops = _dispatch.implementation("logprob", impl)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -75,7 +76,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
             rows = slice(start, start + step)
             h = hidden[rows]  # (C, H)
             z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (C, V)
-            dz = ops.logprob_backward(grad_logp[rows], z, labels[rows], lse[rows], ignore_index)  # (C, V) f32
+            dz = ops.logprob_backward(grad_logp[rows], z, labels[rows], stats[rows], ignore_index)  # (C, V) f32
             del z
             if want_h:
                 torch.mm(dz.to(weight.dtype), weight, out=grad_h[rows])  # (C, H)
