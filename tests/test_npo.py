@@ -5,14 +5,16 @@ kept in the checkpoint, read back on resume), the config, CLI and Hugging Face t
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli_unlearn import workspace  # noqa: F401  (the CLI test's saved tiny model and text files)
 from tiny_models import MemorizerConfig, memorize, tiny_model
 
-from fastunlearn import objectives
+from fastunlearn import cli, objectives
 from fastunlearn.data import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, reference, unlearn
 from fastunlearn.engine.epoch import train_epoch
@@ -244,3 +246,24 @@ def test_config_objective_options():
     assert UnlearnConfig(forget_loss="simnpo", simnpo_gamma=1.0, fused_ihl=True).objective_options() == {
         "beta": 4.5, "gamma": 1.0}  # fmt: skip
     assert UnlearnConfig().objective_options() == {}
+
+
+def test_cli_loss_beta_gamma(workspace, capsys):  # noqa: F811  (the imported fixture)
+    common = ["unlearn", "--model", str(workspace / "model"), "--forget", str(workspace / "forget.txt"),
+              "--retain", str(workspace / "retain.txt"), "--heldout", str(workspace / "heldout.txt"),
+              "--params", "lora", "--rank", "2", "--max-epochs", "1", "--seq-len", "12"]  # fmt: skip
+    assert cli.main([*common, "--loss", "npo", "--beta", "0.3", "--out", str(workspace / "npo")]) in (0, 1)
+    log = json.loads((workspace / "npo" / "log.json").read_text())
+    assert (log["config"]["forget_loss"], log["config"]["npo_beta"]) == ("npo", 0.3)
+    assert log["tasks"][0]["epochs"][0]["forget_loss"] == pytest.approx(2 / 0.3 * math.log(2), rel=1e-6)
+    for extra, message in [
+        (["--loss", "ihl", "--beta", "0.1"], "--beta is a parameter of --loss npo or simnpo, not of --loss ihl"),
+        (["--loss", "npo", "--gamma", "1"], "--gamma is a parameter of --loss simnpo, not of --loss npo"),
+        (["--loss", "simnpo", "--beta", "0"], "--beta must be a finite number > 0, got 0.0"),
+        (["--loss", "simnpo", "--gamma", "nan"], "--gamma must be a finite number >= 0, got nan"),
+    ]:
+        capsys.readouterr()
+        assert cli.main([*common, *extra, "--out", str(workspace / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (workspace / "bad").exists()
