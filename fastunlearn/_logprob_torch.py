@@ -24,21 +24,22 @@ from torch import Tensor
 
 def logprob_forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """(logp (C,), stats (C, 2) = [m, s]) in float32 of ``logits`` (C, V) against ``labels`` (C,); logp 0 at
-    ignored rows."""
-    z = logits.float()  # (C, V)
-    m = z.amax(dim=1)  # (C,)
-    s = torch.exp(z - m[:, None]).sum(dim=1).log()  # (C,)
+    ignored rows. A float32 ``logits`` is overwritten (its buffer holds exp(z - m) after): the caller's chunk."""
+    z = logits.float()  # (C, V): the chunk itself when float32, else one float32 copy
     valid = labels != ignore_index
-    picked = z.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)  # z_{i, y_i}
+    picked = z.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)  # z_{i, y_i}, before z is overwritten
+    m = z.amax(dim=1)  # (C,)
+    s = z.sub_(m[:, None]).exp_().sum(dim=1).log_()  # (C,)
     return torch.where(valid, (picked - m) - s, 0.0), torch.stack([m, s], dim=1)
 
 
 def logprob_backward(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, ignore_index: int) -> Tensor:
     """dz (C, V) float32 = g_i (onehot(y_i) - softmax(z_i)) with g = ``grad_rows`` (C,) and ``stats`` from
-    :func:`logprob_forward`; 0 at ignored rows (whatever their logits hold, NaN included)."""
+    :func:`logprob_forward`; 0 at ignored rows (whatever their logits hold, NaN included). Written over a float32
+    ``logits`` (returned as dz), else into one float32 copy."""
     valid = labels != ignore_index
     g = torch.where(valid, grad_rows.float(), 0.0)  # (C,)
-    dz = torch.exp((logits.float() - stats[:, :1]) - stats[:, 1:])  # softmax (C, V)
+    dz = logits.float().sub_(stats[:, :1]).sub_(stats[:, 1:]).exp_()  # softmax (C, V), in place
     dz.mul_(-g[:, None])
     dz.scatter_add_(1, torch.where(valid, labels, 0)[:, None], g[:, None])
     return dz.masked_fill_(~valid[:, None], 0.0)

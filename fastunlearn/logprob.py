@@ -9,8 +9,8 @@ gradient ascent are built from (``fastunlearn.objectives``).
   per-token grad_output is
   known only then) and forms dz_c = g_c (onehot(y_c) - softmax(z_c)) in float32, then
   grad_h_c = dz_c W and grad_W += dz_cᵀ h_c, grad_b += sum_c dz_c, accumulated in float32 with ``addmm``.
-  Peak extra memory: one float32 (C, V) chunk (two during backward) and the gradients. 2 GEMMs forward,
-  3 backward.
+  The backend works in place on each chunk: peak extra memory is one (C, V) chunk (plus its float32 copy for
+  bfloat16 / float16 inputs) and the gradients. 1 GEMM forward (the logits), 3 backward.
 
 Both return float32 per-token values shaped like ``labels``, exactly 0 (with zero gradient) at ``ignore_index``.
 Backends: the registry op ``logprob`` (``fastunlearn._dispatch``): ``torch`` (chunked, any device).
@@ -77,7 +77,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
             h = hidden[rows]  # (C, H)
             z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (C, V)
             dz = ops.logprob_backward(grad_logp[rows], z, labels[rows], stats[rows], ignore_index)  # (C, V) f32
-            del z
+            del z  # a float32 chunk is dz itself
             if want_h:
                 torch.mm(dz.to(weight.dtype), weight, out=grad_h[rows])  # (C, H)
             if want_w:  # (V, H) += (V, C) @ (C, H) in float32
