@@ -10,7 +10,7 @@ from conftest import IMPL_PARAMS
 from reference import assert_close_verbose
 
 from fastunlearn import _dispatch
-from fastunlearn._logprob_torch import logprob_backward, logprob_forward, logprob_reference
+from fastunlearn._logprob_torch import logprob_reference
 from fastunlearn.logprob import fused_linear_logprob, token_logprob
 
 LOGPROB_IMPLS = [p for p in IMPL_PARAMS if p.values[0] in _dispatch.OPS["logprob"].backends]
@@ -113,8 +113,10 @@ def test_ignored_labels_give_zero_and_no_gradient():
     assert torch.equal(token_logprob(h.detach() @ w.T, every, ignore_index=7), torch.zeros(11))
 
 
-def test_backend_rows_on_extreme_logits_match_float64():
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+def test_backend_rows_on_extreme_logits_match_float64(impl):
     """Huge, tiny and -inf logits (not at the label): finite log-probabilities and the exact gradient rows."""
+    backend = _dispatch.implementation("logprob", impl)
     z = torch.randn(6, 9) * 3
     z[0] = 1e4
     z[0, 2] = -1e4  # label 2 far below the rest: logp ~ -2e4
@@ -122,13 +124,13 @@ def test_backend_rows_on_extreme_logits_match_float64():
     z[2, 3:] = float("-inf")
     z[3] = float("nan")  # an ignored row with NaN logits contributes nothing
     labels = torch.tensor([2, 5, 1, -100, 0, 8])
-    logp, stats = logprob_forward(z.clone(), labels, -100)  # overwrites its logits
+    logp, stats = backend.logprob_forward(z.clone(), labels, -100)  # may overwrite its logits
     zz = z.double().requires_grad_(True)
     ref = rows_reference(zz[[0, 1, 2, 4, 5]], labels[[0, 1, 2, 4, 5]])
     assert_close_verbose(logp[[0, 1, 2, 4, 5]], ref.detach(), 1e-6, 1e-6, "logp")
     assert logp[3] == 0 and torch.isfinite(logp).all()
     g = torch.rand(6)
-    dz = logprob_backward(g, z.clone(), labels, stats, -100)
+    dz = backend.logprob_backward(g, z.clone(), labels, stats, -100)
     (ref * g[[0, 1, 2, 4, 5]].double()).sum().backward()
     assert_close_verbose(dz[[0, 1, 2, 4, 5]], zz.grad[[0, 1, 2, 4, 5]], 1e-6, 1e-6, "dz")
     assert torch.equal(dz[3], torch.zeros(9)) and dz.dtype == torch.float32
@@ -207,3 +209,21 @@ def test_bad_chunk_rows_and_token_logprob_input():
         token_logprob(torch.randn(3, 5), labels)
     with pytest.raises(ValueError, match=r"labels contains 9, outside \[0, 5\)"):
         token_logprob(torch.randn(2, 5), torch.tensor([1, 9]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_triton_matches_the_torch_path_at_a_real_vocabulary(dtype):
+    h, w, b, labels = make_inputs(n_rows=300, hidden=64, n_classes=128_256, dtype=dtype, seed=6)
+    h, w, b, labels = (t.cuda() for t in (h, w, b, labels))
+    weights = torch.rand(300, device="cuda")
+    results = {}
+    for impl in ("triton", "torch"):
+        results[impl] = value_and_grads(
+            lambda h, w, b, impl=impl: fused_linear_logprob(h, w, labels, b, chunk_rows=128, impl=impl), (h, w, b),
+            weights,
+        )  # fmt: skip
+    (got, grads), (want, ref_grads) = results["triton"], results["torch"]
+    assert_close_verbose(got, want, 1e-4, 1e-5, "logp")
+    for g, ref in zip(grads, ref_grads):
+        assert_close_verbose(g, ref, 2e-2 * ref.abs().max().item(), 2e-2, "grad")
