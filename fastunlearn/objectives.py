@@ -242,13 +242,14 @@ def _reduce_sequences(rows: Tensor, counted: Tensor, reduction: str) -> Tensor:
 def npo_loss(
     logp: Tensor, ref_logp: Tensor, *, beta: float = NPO_BETA, lengths: Tensor | None = None, reduction: str = "mean"
 ) -> Tensor:
-    """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3), per sequence:
+    """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868), per sequence:
 
         L_NPO = -(2 / beta) log sigmoid(-beta (log pi_theta(y|x) - log pi_ref(y|x)))
 
     ``logp``, ``ref_logp`` (B,): sequence log-likelihoods (sums over the forget tokens) of the trained and the
-    reference model. As beta -> 0 it tends to GA on the sequence log-likelihood minus a constant; it is bounded
-    below by 0 and its gradient vanishes as log pi_theta falls below log pi_ref. ``lengths`` (B,) or None:
+    reference model. As beta -> 0 it tends to (log pi_theta - log pi_ref) + 2 log 2 / beta: GA on the sequence
+    log-likelihood; it is bounded below by 0 and its gradient, 2 sigmoid(beta (log pi_theta - log pi_ref)) per
+    unit of log pi_theta, vanishes as log pi_theta falls below log pi_ref. ``lengths`` (B,) or None:
     sequences with 0 targets are left out (0, not counted). float32; ``mean`` over the counted sequences.
     """
     _validate.check_number("beta", beta, 0, strict=True)
@@ -263,7 +264,7 @@ def npo_loss(
 def simnpo_loss(
     logp: Tensor, lengths: Tensor, *, beta: float = SIMNPO_BETA, gamma: float = SIMNPO_GAMMA, reduction: str = "mean"
 ) -> Tensor:
-    """SimNPO (Fan et al. 2024, arXiv 2410.07163, eq. 4), per sequence, reference-free and length-normalized:
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163), per sequence, reference-free and length-normalized:
 
         L_SimNPO = -(2 / beta) log sigmoid(-(beta / |y|) log pi_theta(y|x) - gamma)
 

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from .. import _parallel
 from .. import distributed as dist_utils
 from ..data import SequenceSet, iterate_batches
-from ..objectives import REFERENCE_KEY, SEQUENCE_LOSSES, ForgetTerm, count_sequences, retain_loss, shift_causal
+from ..objectives import REFERENCE_KEY, ForgetTerm, retain_loss, shift_causal
+from ..objectives import forget_units as count_forget_units
 from .config import UnlearnConfig
 from .evaluation import finite
 from .inputs import n_targets
@@ -33,11 +34,9 @@ def forget_batches(forget: SequenceSet, reference, cfg: UnlearnConfig, generator
 
 
 def forget_units(batch: dict, cfg: UnlearnConfig) -> int:
-    """What the forget term of a micro-batch sums over, counted where the batch lives: next-token targets (IHL,
-    GA) or sequences with at least one target (NPO, SimNPO)."""
-    if cfg.forget_loss in SEQUENCE_LOSSES:
-        return int(count_sequences(batch["input_ids"], batch["attention_mask"]))
-    return n_targets(batch)
+    """What the forget term of a micro-batch sums over (``objectives.forget_units``: next-token targets for IHL
+    and GA, sequences with at least one target for NPO and SimNPO), counted where the batch lives."""
+    return int(count_forget_units(cfg.forget_loss, batch["input_ids"], batch["attention_mask"]))
 
 
 def epoch_pairs(forget, retain, cfg: UnlearnConfig, generator, reference=None) -> list[tuple[dict, dict | None]]:
