@@ -12,6 +12,7 @@ and what they accept: the device types of its C++ kernels, the dtypes of its Tri
 - ``ihl``: torch, triton, csrc (modules with ``ihl_forward`` / ``ihl_backward``); ``ihl_loss``, ``fused_linear_ihl``.
 - ``fisher``: torch, triton (``fisher_accumulate``); ``empirical_fisher``.
 - ``weighted_lowrank``: torch; ``weighted_lowrank`` and ``weighted_lowrank_grouped``.
+- ``logprob``: torch, triton (modules with ``logprob_forward`` / ``logprob_backward``); ``fused_linear_logprob``.
 
 **Rule** (:func:`select`): the requested implementation is the caller's ``impl=`` argument, else the tests'
 ``_force_impl`` override, else ``FASTUNLEARN_IMPL=torch|triton|csrc`` (``auto`` or unset: none). A request the
@@ -83,6 +84,7 @@ OPS: dict[str, Op] = {
         }
     ),
     "weighted_lowrank": Op({"torch": "fastunlearn.lowrank:weighted_lowrank_torch"}),
+    "logprob": Op({"torch": "fastunlearn._logprob_torch", "triton": "fastunlearn.kernels.logprob"}),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import tempfile
@@ -62,6 +63,7 @@ def _unlearn(args: argparse.Namespace) -> int:
 
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
     config = UnlearnConfig(
+        **_objective_options(args.loss, args.beta, args.gamma),
         forget_loss=args.loss, retain_weight=0.0 if args.no_retain else args.retain_weight, params=args.params,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lr=args.lr,
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, micro_batch_size=args.micro_batch_size,
@@ -90,6 +92,19 @@ def _unlearn(args: argparse.Namespace) -> int:
     if is_main:
         print(f"{'forgotten' if result.success else 'NOT forgotten'}: report in {args.out}/report.md")
     return 0 if result.success else 1
+
+
+def _objective_options(loss: str, beta: float | None, gamma: float | None) -> dict:
+    """``--beta`` / ``--gamma`` as the config fields of ``--loss`` (ValueError for a loss that takes neither)."""
+    if beta is not None and loss not in ("npo", "simnpo"):
+        raise ValueError(f"--beta is a parameter of --loss npo or simnpo, not of --loss {loss}")
+    if gamma is not None and loss != "simnpo":
+        raise ValueError(f"--gamma is a parameter of --loss simnpo, not of --loss {loss}")
+    for flag, value, ok in (("--beta", beta, "> 0"), ("--gamma", gamma, ">= 0")):
+        if value is not None and not (math.isfinite(value) and (value > 0 if ok == "> 0" else value >= 0)):
+            raise ValueError(f"{flag} must be a finite number {ok}, got {value!r}")
+    options = {} if beta is None else {f"{loss}_beta": beta}
+    return options if gamma is None else {**options, "simnpo_gamma": gamma}
 
 
 def _lm_eval_tasks(spec: str | None) -> list[str]:
@@ -225,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-heldout-overlap", action="store_true",
                    help="accept held-out rows identical to forget rows or sharing >= 90%% of their 8-token n-grams "
                    "with them (refused by default: the criterion would copy a memorized level)")  # fmt: skip
-    p.add_argument("--loss", choices=("ihl", "ga"), default="ihl", help="forget loss (ihl: the paper's)")
+    p.add_argument("--loss", choices=("ihl", "ga", "npo", "simnpo"), default="ihl",
+                   help="forget loss: ihl (the paper's), ga (gradient ascent), npo (Zhang et al. 2024; its reference "
+                   "log-likelihoods are computed once, no second model), simnpo (Fan et al. 2024) (ihl)")  # fmt: skip
+    p.add_argument("--beta", type=float, help="beta of --loss npo (0.1) or simnpo (4.5)")
+    p.add_argument("--gamma", type=float, help="margin gamma of --loss simnpo (0.0)")
     p.add_argument("--no-retain", action="store_true", help="no retain loss (plain GA when --loss ga)")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss (1.0)")
     p.add_argument("--params", choices=("full", "lora", "fila"), default="fila", help="what trains (fila)")
@@ -240,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ma-threshold", type=float, help="stop at this forget MA instead of the held-out level")
     p.add_argument("--el-threshold", type=float, help="stop at this forget EL_10 instead of the held-out level")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    p.add_argument("--fused-ihl", action="store_true", help="forget IHL from hidden states, no (B, T, V) logits")
+    p.add_argument("--fused-ihl", action="store_true",
+                   help="forget term (ihl, npo, simnpo) from hidden states, no (B, T, V) logits")  # fmt: skip
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards; with --params full or lora "
                         "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip

@@ -57,6 +57,31 @@ def _chunked_pass(hidden, weight, bias, labels, grad_rows, ignore_index, margin,
     return loss, grad_h, grad_w, grad_b
 
 
+def check_linear_inputs(hidden, weight, labels, bias, chunk_rows) -> None:
+    """The inputs of a fused linear op: hidden (..., H), weight (V, H) with V >= 2, bias (V,) or None of
+    hidden's dtype and device, labels (...) aligned with hidden, chunk_rows >= 1 or None."""
+    _validate.check_float_tensor("hidden", hidden)
+    _validate.check_float_tensor("weight", weight, min_dim=2)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] < 2:
+        raise ValueError(f"weight must have at least 2 rows (classes), got {weight.shape[0]}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _validate.check_labels(labels, hidden.shape[:-1], hidden.device, "hidden (..., H)")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
 class _FusedLinearIHL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, margin, reduction, step, impl):
@@ -106,28 +131,8 @@ def fused_linear_ihl(
     ``chunk_rows`` sets the rows per chunk (default: chunks of about 256 MiB of logits). ``impl``: the IHL
     implementation, as in :func:`fastunlearn.ihl_loss`.
     """
-    _validate.check_float_tensor("hidden", hidden)
-    _validate.check_float_tensor("weight", weight, min_dim=2)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] < 2:
-        raise ValueError(f"weight must have at least 2 rows (classes), got {weight.shape[0]}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    _validate.check_labels(labels, hidden.shape[:-1], hidden.device, "hidden (..., H)")
+    check_linear_inputs(hidden, weight, labels, bias, chunk_rows)
     _validate.check_reduction_and_margin(reduction, margin)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = flatten_labels(labels)  # (N,)
     checks = _validate.value_checks_enabled(h.device)

@@ -15,6 +15,11 @@ untouched). A call with ``ihl=True`` takes the fused path:
     out = model(input_ids, attention_mask=mask, labels=labels, ihl=True)  # on HF-style labels (-100 ignored)
     out.loss.backward()                                                   # only out.loss is set
 
+A call with ``logprob=True`` returns the per-token log-probabilities of the next tokens (B, T - 1) float32 in
+``out.logprobs`` (0 at ignored targets; :func:`fused_causal_lm_logprob`), for NPO, SimNPO and GA-style terms:
+
+    out = model(input_ids, attention_mask=mask, logprob=True)             # out.logprobs (B, T - 1)
+
 Every other call (generation, cross-entropy with ``labels``, plain logits) goes to the original forward
 unchanged; ``inspect.signature(model.forward)`` is the original one. ``unpatch_fused_ihl`` restores it.
 Other keyword arguments of a fused call (``position_ids``, ...) go to the backbone; no cache is built.
@@ -31,17 +36,21 @@ from __future__ import annotations
 
 import functools
 import types
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from . import _validate
 from ._optional import missing
 from .fused_linear import fused_linear_ihl
+from .logprob import fused_linear_logprob
 from .lora import LoRALinear
 from .objectives import shift_causal
 
 try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import ModelOutput
 except ImportError as exc:
     raise missing("transformers", "engine", "the fused IHL of Hugging Face models (fastunlearn.fused_lm)") from exc
 
@@ -141,6 +150,38 @@ def fused_causal_lm_ihl(
     )  # fmt: skip
 
 
+@dataclass
+class LogprobOutput(ModelOutput):
+    """What a patched model's ``logprob=True`` call returns: ``logprobs`` (B, T - 1) float32."""
+
+    logprobs: torch.Tensor | None = None
+
+
+def fused_causal_lm_logprob(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    **backbone_kwargs,
+) -> Tensor:
+    """log p(next token) per position of a causal LM (B, T - 1) float32 from its last hidden states, 0 where
+    the target is ignored (padding, ``ignore_index`` labels); never builds the (B, T, V) logits. Equals
+    ``token_logprob(*shift_causal(model(input_ids, attention_mask=attention_mask).logits, ...))`` (up to
+    rounding); gradients flow as through the logits. ``backbone_kwargs`` go to the backbone's forward."""
+    backbone, head = _backbone_and_head(model)
+    backbone_kwargs = {"use_cache": False, **backbone_kwargs}
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
+    shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
+    device = head.weight.device
+    return fused_linear_logprob(
+        shifted.to(device), head.weight, targets.to(device), head.bias, ignore_index=ignore_index,
+        chunk_rows=chunk_rows,
+    )  # fmt: skip
+
+
 def is_fused_ihl_patched(model: nn.Module) -> bool:
     """Whether ``patch_fused_ihl`` patched this instance (and ``unpatch_fused_ihl`` did not undo it)."""
     return hasattr(vars(model).get("forward"), _PATCH_MARK)
@@ -154,10 +195,12 @@ def patch_fused_ihl(
     margin: float = 1.0,
     chunk_rows: int | None = None,
 ) -> nn.Module:
-    """Give this instance a forward whose ``ihl=True`` calls return the fused IHL; returns ``model``.
+    """Give this instance a forward whose ``ihl=True`` calls return the fused IHL and whose ``logprob=True``
+    calls return the fused per-token log-probabilities (:class:`LogprobOutput`); returns ``model``.
 
     The options are the defaults of the fused calls (a fused call may override them by keyword, e.g.
-    ``reduction="none"``). Patching again replaces the options; the original forward is kept.
+    ``reduction="none"``; ``logprob=True`` calls take ``ignore_index`` and ``chunk_rows`` of them).
+    Patching again replaces the options; the original forward is kept. Alias: :func:`patch_fused_lm`.
     """
     check_fused_ihl_support(model)
     _validate.check_reduction_and_margin(reduction, margin)
@@ -172,16 +215,25 @@ def patch_fused_ihl(
     class_forward = type(model).forward
 
     @functools.wraps(class_forward)  # inspect.signature(model.forward) stays the original one
-    def forward(self, *args, ihl: bool = False, **kwargs):
-        if not ihl:
+    def forward(self, *args, ihl: bool = False, logprob: bool = False, **kwargs):
+        if not (ihl or logprob):
             return class_forward(self, *args, **kwargs)
+        flag = "ihl" if ihl else "logprob"
+        if ihl and logprob:
+            raise TypeError("ihl=True and logprob=True are two different fused calls: pass one")
         if len(args) > 1:
-            raise TypeError(f"with ihl=True only input_ids may be positional, got {len(args)} positional arguments")
+            raise TypeError(f"with {flag}=True only input_ids may be positional, got {len(args)} positional arguments")
+        if logprob:
+            defaults = {k: options[k] for k in ("ignore_index", "chunk_rows")}
+            return LogprobOutput(logprobs=fused_causal_lm_logprob(self, *args, **{**defaults, **kwargs}))
         return CausalLMOutputWithPast(loss=fused_causal_lm_ihl(self, *args, **{**options, **kwargs}))
 
     setattr(forward, _PATCH_MARK, options)
     model.forward = types.MethodType(forward, model)  # bound per instance: deepcopy rebinds it to the copy
     return model
+
+
+patch_fused_lm = patch_fused_ihl  # the patch serves every forget term, not only IHL
 
 
 def unpatch_fused_ihl(model: nn.Module) -> nn.Module:

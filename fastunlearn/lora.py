@@ -26,8 +26,9 @@ init (after a factor-based init that is ``base(x) + scale B0 A0 x``); the traine
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +213,22 @@ class LoRALinear(nn.Module):
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Qualified name -> LoRALinear for every adapter layer in ``model`` (in model order)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every LoRA layer of ``model`` computes the original layer's output (``disabled = True``,
+    see the module docstring: after a factor-based init, ``base(x) + scale B0 A0 x``, the weight before the
+    init up to rounding); each layer's previous setting is restored after. A model without adapters is unchanged."""
+    layers = list(lora_layers(model).values())
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
 
 
 def inject_lora(

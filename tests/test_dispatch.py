@@ -93,7 +93,12 @@ def test_compiles_without_graph_breaks():
 
 
 def test_registry_backends_load_with_the_ops_attributes():
-    expected = {"ihl": ("ihl_forward", "ihl_backward"), "fisher": (), "weighted_lowrank": ()}
+    expected = {
+        "ihl": ("ihl_forward", "ihl_backward"),
+        "fisher": (),
+        "weighted_lowrank": (),
+        "logprob": ("logprob_forward", "logprob_backward"),
+    }
     assert set(_dispatch.OPS) == set(expected)
     for op, spec in _dispatch.OPS.items():
         assert "torch" in spec.backends and set(spec.backends) <= set(_dispatch.IMPLS)

@@ -22,7 +22,7 @@ LEVELS = {
 }
 OPS = {
     "_validate", "_dispatch", "_optional", "_atomic", "_ihl_torch", "_fisher_torch", "_C", "ihl", "fused_linear",
-    "objectives", "targets", "distributed", "lowrank",
+    "objectives", "targets", "distributed", "lowrank", "logprob", "_logprob_torch",
 }  # fmt: skip
 TOP = {"cli", "__main__", "demo", "integrations"}
 

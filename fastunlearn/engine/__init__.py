@@ -8,7 +8,10 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
   forget micro-batch is paired with a retain micro-batch (the retain set reshuffled every epoch and cycled)
   when ``retain_weight > 0``. Every term is a sum over next-token targets divided by the epoch's total target
   count, so the accumulated gradient is that of mean forget term + retain_weight x mean retain loss over the
-  epoch's tokens, whatever the micro-batch size.
+  epoch's tokens, whatever the micro-batch size. NPO and SimNPO (``forget_loss``) are per-sequence terms: a sum
+  over forget sequences divided by the epoch's sequence count. NPO's reference log-likelihoods are computed
+  once, on the model as given, before the trained parameters are set up (``engine.reference``), and kept in the
+  checkpoint: no reference model is held.
 - **Stop**: after each epoch the forget set's MA is measured; its EL_n only once MA meets its limit (EL is
   expensive; ``None`` otherwise). ``stop="heldout"`` (the paper): MA and EL_n at or below the held-out set's
   values measured before unlearning; ``stop="threshold"``: at or below ``ma_threshold`` and ``el_threshold``.

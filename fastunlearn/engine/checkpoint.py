@@ -79,9 +79,11 @@ def _remove_version(path: Path) -> None:
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer, generator: torch.Generator, log: dict,
-                    fingerprint: str | None) -> None:  # fmt: skip
-    """Rank 0 writes the next version of the full state (every rank must call: under FSDP it is gathered)."""
+                    fingerprint: str | None, extra: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Rank 0 writes the next version of the full state (every rank must call: under FSDP it is gathered).
+    ``extra``: more named tensors to keep (NPO's reference log-likelihoods, ``engine.reference``)."""
     tensors = {f"param.{n}": t.contiguous() for n, t in _parallel.trainable_state(model).items()}
+    tensors.update(extra or {})
     for name, layer in lora_layers(model).items():
         if layer.lora_a0 is not None:
             tensors[f"buffer.{name}.lora_a0"] = layer.lora_a0.contiguous()

@@ -13,7 +13,7 @@ from torch import nn
 from .. import _parallel
 from .._validate import is_int, is_number
 from ..fila import FilaConfig
-from ..objectives import FORGET_LOSSES
+from ..objectives import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, check_forget_loss, check_fused
 
 PARAMS = ("full", "lora", "fila")
 STOPS = ("heldout", "threshold")
@@ -26,7 +26,10 @@ FILA_OPTIONS = tuple(f.name for f in dataclasses.fields(FilaConfig) if f.name no
 class UnlearnConfig:
     """How :func:`unlearn` trains and when it stops; every field is checked (ValueError naming it)."""
 
-    forget_loss: str = "ihl"  # "ihl" (inverted hinge loss, the paper) or "ga" (gradient ascent)
+    forget_loss: str = "ihl"  # "ihl" (inverted hinge loss, the paper), "ga" (gradient ascent), "npo", "simnpo"
+    npo_beta: float = NPO_BETA  # forget_loss="npo": beta of NPO (Zhang et al. 2024: 0.1)
+    simnpo_beta: float = SIMNPO_BETA  # forget_loss="simnpo": beta of SimNPO (open-unlearning: 4.5)
+    simnpo_gamma: float = SIMNPO_GAMMA  # forget_loss="simnpo": margin gamma of SimNPO (open-unlearning: 0)
     retain_weight: float = 1.0  # x retain LM loss; 0 = the forget term alone ("ga" + 0: GA; "ga" + 1: GD)
     params: str = "fila"  # trained: "full" (all weights), "lora" (adapters), "fila" (Fisher-initialized adapters)
     rank: int = 16  # LoRA rank (lora / fila)
@@ -53,7 +56,7 @@ class UnlearnConfig:
     eval_heldout_el_after: bool = False  # after each task, the held-out set's EL too (MA always; EL costs most)
     eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
     parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
-    fused_ihl: bool = False  # forget IHL from the last hidden states: no (B, T, V) logits (transformers LMs)
+    fused_ihl: bool = False  # forget term (IHL, NPO, SimNPO) from the last hidden states: no (B, T, V) logits
     allow_heldout_overlap: bool = False  # accept held-out rows that repeat forget rows (inputs.check_heldout_overlap)
 
     def __post_init__(self) -> None:
@@ -64,7 +67,8 @@ class UnlearnConfig:
                 f"targets must be a preset name or a non-empty list of layer name patterns, got {self.targets!r}"
             )
         self.betas = tuple(self.betas)
-        for name, choices in (("forget_loss", FORGET_LOSSES), ("params", PARAMS), ("stop", STOPS), ("dtype", DTYPES),
+        check_forget_loss(self.forget_loss)
+        for name, choices in (("params", PARAMS), ("stop", STOPS), ("dtype", DTYPES),
                               ("parallel", _parallel.PARALLEL)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
@@ -80,7 +84,7 @@ class UnlearnConfig:
             raise ValueError(f"min_epochs must be <= max_epochs ({self.max_epochs}), got {self.min_epochs}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        for name in ("alpha", "lr"):
+        for name in ("alpha", "lr", "npo_beta", "simnpo_beta"):
             value = getattr(self, name)
             if not (value is None and name == "lr") and not (is_number(value) and value > 0):
                 raise ValueError(
@@ -88,8 +92,9 @@ class UnlearnConfig:
                 )
         if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not (is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("weight_decay", "simnpo_gamma"):
+            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name in ("ma_threshold", "el_threshold"):
             value = getattr(self, name)
             if self.stop == "threshold" and not (is_number(value) and 0 <= value <= 1):
@@ -100,10 +105,7 @@ class UnlearnConfig:
                      "eval_heldout_el_after", "allow_heldout_overlap"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.fused_ihl and self.forget_loss != "ihl":
-            raise ValueError(
-                f"fused_ihl=True computes the IHL term; forget_loss={self.forget_loss!r} has no fused path"
-            )
+        check_fused(self.forget_loss, self.fused_ihl)
         if not isinstance(self.fila, dict) or (self.fila and self.params != "fila"):
             raise ValueError(f"fila must be a dict of FILA options, given only with params='fila', got {self.fila!r}")
         unknown = sorted(set(self.fila) - set(FILA_OPTIONS))
@@ -114,6 +116,14 @@ class UnlearnConfig:
     @property
     def learning_rate(self) -> float:
         return DEFAULT_LR[self.params] if self.lr is None else self.lr
+
+    def objective_options(self) -> dict:
+        """``beta`` / ``gamma`` of :func:`fastunlearn.objectives.forget_term` for this run's forget loss."""
+        if self.forget_loss == "npo":
+            return {"beta": self.npo_beta}
+        if self.forget_loss == "simnpo":
+            return {"beta": self.simnpo_beta, "gamma": self.simnpo_gamma}
+        return {}
 
     def fila_config(self) -> FilaConfig:
         """The FilaConfig of this run (its dropout and rsLoRA settings also shape plain LoRA adapters)."""

@@ -13,16 +13,35 @@ from tqdm.auto import tqdm
 
 from .. import _parallel
 from .. import distributed as dist_utils
-from ..data import iterate_batches
-from ..objectives import ForgetTerm, retain_loss, shift_causal
+from ..data import SequenceSet, iterate_batches
+from ..objectives import REFERENCE_KEY, ForgetTerm, retain_loss, shift_causal
+from ..objectives import forget_units as count_forget_units
 from .config import UnlearnConfig
 from .evaluation import finite
 from .inputs import n_targets
 
 
-def epoch_pairs(forget, retain, cfg: UnlearnConfig, generator) -> list[tuple[dict, dict | None]]:
+def forget_batches(forget: SequenceSet, reference, cfg: UnlearnConfig, generator) -> list[dict]:
+    """The epoch's forget micro-batches; with ``reference`` (N,) (NPO) each also holds its rows' values under
+    ``REFERENCE_KEY``. The rows are drawn exactly as ``iterate_batches(forget, ...)`` draws them."""
+    if reference is None:
+        return list(iterate_batches(forget, cfg.micro_batch_size, shuffle=True, generator=generator))
+    rows = torch.arange(len(forget))
+    index = SequenceSet(rows[:, None], torch.ones(len(forget), 1, dtype=torch.int64), rows)  # (N, 1): row numbers
+    chunks = iterate_batches(index, cfg.micro_batch_size, shuffle=True, generator=generator)  # the same draw
+    return [{"input_ids": forget.input_ids[i], "attention_mask": forget.attention_mask[i], REFERENCE_KEY: reference[i]}
+            for i in (chunk["input_ids"][:, 0] for chunk in chunks)]  # fmt: skip
+
+
+def forget_units(batch: dict, cfg: UnlearnConfig) -> int:
+    """What the forget term of a micro-batch sums over (``objectives.forget_units``: next-token targets for IHL
+    and GA, sequences with at least one target for NPO and SimNPO), counted where the batch lives."""
+    return int(count_forget_units(cfg.forget_loss, batch["input_ids"], batch["attention_mask"]))
+
+
+def epoch_pairs(forget, retain, cfg: UnlearnConfig, generator, reference=None) -> list[tuple[dict, dict | None]]:
     """(forget micro-batch, retain micro-batch or None) pairs of one epoch: the same list on every rank."""
-    f_batches = list(iterate_batches(forget, cfg.micro_batch_size, shuffle=True, generator=generator))
+    f_batches = forget_batches(forget, reference, cfg, generator)
     r_batches = []
     if retain is not None and cfg.retain_weight > 0:
         r_batches = list(iterate_batches(retain, cfg.micro_batch_size, shuffle=True, generator=generator))
@@ -46,12 +65,17 @@ def reduce_summary(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[torch.Te
 
 
 def train_epoch(
-    train_model, forget_term: ForgetTerm, optimizer, params, forget, retain, cfg: UnlearnConfig, generator, device
-) -> dict:
+    train_model, forget_term: ForgetTerm, optimizer, params, forget, retain, cfg: UnlearnConfig, generator, device,
+    reference=None,
+) -> dict:  # fmt: skip
     """Accumulate the whole forget set's gradient over micro-batches, then make ONE update (unless not finite).
-    Multi-process: rank r runs pairs r, r + world_size, ...; its last backward reduces the gradients."""
-    pairs = epoch_pairs(forget, retain, cfg, generator)
-    n_forget = sum(n_targets(f) for f, _ in pairs)
+    Multi-process: rank r runs pairs r, r + world_size, ...; its last backward reduces the gradients.
+
+    The forget term is a sum over the micro-batch's units (``forget_units``: tokens, or sequences for NPO /
+    SimNPO) divided by the epoch's count of them, so the update does not depend on ``micro_batch_size``.
+    ``reference`` (N,): NPO's reference log-likelihoods of ``forget`` (``engine.reference``)."""
+    pairs = epoch_pairs(forget, retain, cfg, generator, reference)
+    n_forget = sum(forget_units(f, cfg) for f, _ in pairs)
     n_retain = sum(n_targets(r) for _, r in pairs if r is not None)
     process = dist_utils.current()
     mine = pairs[process.rank :: process.world_size]
@@ -61,11 +85,11 @@ def train_epoch(
     f_sums, r_sums, f_means = [], [], []  # stay on the device: no host sync inside the loop
     progress = tqdm(mine, desc="micro-batches", leave=False, disable=None if process.is_main else True)
     for i, (f, r) in enumerate(progress):
-        n = n_targets(f)  # counted on the CPU copy: no sync
+        n = forget_units(f, cfg)  # counted on the CPU copy: no sync
         with _parallel.gradient_sync(train_model, enabled=i == len(mine) - 1):
             f = {k: v.to(device) for k, v in f.items()}
             f_sum = forget_term(train_model, f)  # summed over the micro-batch's next-token targets
-            loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget targets
+            loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget units
             if r is not None:
                 r = {k: v.to(device) for k, v in r.items()}
                 r_sum = retain_loss(*shift_causal(train_model(**r, use_cache=False).logits, **r), reduction="sum")
@@ -90,7 +114,7 @@ def train_epoch(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # frees the gradients while evaluating
     return {
-        "forget_loss": finite(forget_loss),  # mean forget term over the epoch's forget targets, before the update
+        "forget_loss": finite(forget_loss),  # mean forget term over the epoch's forget units, before the update
         "retain_loss": finite(retain_value) if n_retain else None,
         "forget_loss_range": [
             finite(low),

@@ -24,6 +24,7 @@ from ..lora import trainable_parameters
 from ..objectives import forget_term
 from ..report import check_plotting, outcome, write_json
 from . import checkpoint, evaluation, outdir, progress
+from . import reference as npo_reference
 from .cache import HeldoutCache
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
@@ -139,6 +140,7 @@ class UnlearnRecipe:
             self.clock.before = self.log["timings"]["total_s"]
         self.was_training = model.training
         model.to(DTYPES[cfg.dtype])
+        self.reference = npo_reference.forget_reference(model, self.tasks, cfg, self.saved)  # NPO: before adapters
         cached = self.saved is None and cfg.cache_heldout_baseline and self.heldout is not None
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # data order
@@ -149,7 +151,7 @@ class UnlearnRecipe:
             checkpoint.load_params_and_rng(model, self.saved, self.generator)  # full tensors: before FSDP shards
         if cfg.fused_ihl:
             patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
-        self.forget_term = forget_term(cfg.forget_loss, fused=cfg.fused_ihl)
+        self.forget_term = forget_term(cfg.forget_loss, fused=cfg.fused_ihl, **cfg.objective_options())
         self.train_model = _parallel.wrap(model, cfg.parallel, next(model.parameters()).device)
         self.device = next(model.parameters()).device  # FSDP moves a CPU model to this rank's GPU as it shards
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in shards
@@ -175,7 +177,8 @@ class UnlearnRecipe:
         )  # fmt: skip
 
     def save_checkpoint(self, optimizer) -> None:
-        checkpoint.save_checkpoint(self.out, self.model, optimizer, self.generator, self.log, self.fingerprint)
+        checkpoint.save_checkpoint(self.out, self.model, optimizer, self.generator, self.log, self.fingerprint,
+                                   extra=npo_reference.reference_tensors(self.reference))  # fmt: skip
 
     # ---- the tasks (one unless continual), each epoch one update, until the stop rule
     def train(self) -> None:
@@ -206,7 +209,8 @@ class UnlearnRecipe:
             self.info("%s training: %d forget sequences in micro-batches of %d%s", phase, len(forget),
                       cfg.micro_batch_size, eta)  # fmt: skip
         record.update(train_epoch(self.train_model, self.forget_term, optimizer, self.params, forget, self.retain,
-                                  cfg, self.generator, self.device))  # fmt: skip
+                                  cfg, self.generator, self.device,
+                                  reference=None if self.reference is None else self.reference[k]))  # fmt: skip
         record["train_s"] = self.last_train_s = self.lap("train_s")
         phase += " evaluation:"
         metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it

@@ -33,23 +33,40 @@ optimizer, scheduler, DeepSpeed / FSDP setup and loggers stay as they are; only 
   ``on_train_begin`` (the paper), or given thresholds. The engine's epoch is one update from the whole forget
   set: ``per_device_train_batch_size * gradient_accumulation_steps * processes >= len(forget)`` reproduces it.
 
+- **NPO / SimNPO** (``forget_loss="npo"`` / ``"simnpo"``): per-sequence losses; N_F counts the forget
+  sequences with at least one target (``count_targets(..., sequences=True)``), so the step's loss is the mean
+  over its forget sequences. NPO's reference log-likelihoods are computed once by :func:`reference_logprobs`
+  (the model with its LoRA adapters disabled, before training) and given to the dataset
+  (``ForgetRetainDataset(forget, retain, reference=...)``); no reference model is held.
+
 Not handled: tensor, context or sequence parallelism (they split a batch's tokens across ranks).
 """
 
 from . import _requires  # noqa: F401  (first: names the missing extra)
 from .callback import UnlearningCallback
-from .data import BATCH_KEYS, FORGET_KEYS, RETAIN_KEYS, ForgetRetainDataset, collate_forget_retain, count_targets
+from .data import (
+    BATCH_KEYS,
+    FORGET_KEYS,
+    REFERENCE_KEY,
+    RETAIN_KEYS,
+    ForgetRetainDataset,
+    collate_forget_retain,
+    count_targets,
+    reference_logprobs,
+)
 from .loss import unlearning_compute_loss
 from .trainer import UnlearningTrainer
 
 __all__ = [
     "BATCH_KEYS",
     "FORGET_KEYS",
+    "REFERENCE_KEY",
     "RETAIN_KEYS",
     "ForgetRetainDataset",
     "UnlearningCallback",
     "UnlearningTrainer",
     "collate_forget_retain",
     "count_targets",
+    "reference_logprobs",
     "unlearning_compute_loss",
 ]

@@ -7,8 +7,8 @@ from torch import Tensor
 
 from ..._optional import missing
 from ...fused_lm import patch_fused_ihl
-from ...objectives import UnlearningLossOutput, check_fused, check_objective
-from .data import BATCH_KEYS, collate_forget_retain, count_targets
+from ...objectives import SEQUENCE_LOSSES, UnlearningLossOutput, check_fused, check_objective
+from .data import BATCH_KEYS, REFERENCE_KEY, collate_forget_retain, count_targets
 from .loss import unlearning_compute_loss
 
 try:
@@ -20,10 +20,13 @@ except ImportError as exc:
 class UnlearningTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is :func:`unlearning_compute_loss` on a
     :class:`ForgetRetainDataset` (``train_dataset``; an ``eval_dataset`` of one reports that loss as
-    ``eval_loss``). Extra keyword arguments ``forget_loss`` ("ihl" or "ga"), ``retain_weight``, ``margin``,
-    ``fused_ihl`` (patch the model with ``patch_fused_ihl`` and compute IHL without the forget batch's
-    logits); everything else is the Trainer's. The data collator defaults to :func:`collate_forget_retain`, and the
-    batch keys count as model inputs, so ``remove_unused_columns=True`` keeps them.
+    ``eval_loss``). Extra keyword arguments ``forget_loss`` ("ihl", "ga", "npo" or "simnpo"), ``retain_weight``,
+    ``margin``, ``beta`` / ``gamma`` (NPO, SimNPO; None: defaults), ``fused_ihl`` (patch the model with
+    ``patch_fused_ihl`` and compute the forget term without the forget batch's logits); everything else is the
+    Trainer's. NPO reads the reference log-likelihoods from the dataset (``ForgetRetainDataset(...,
+    reference=reference_logprobs(model, forget))``): no reference model is held. The data collator defaults to
+    :func:`collate_forget_retain`, and the batch keys count as model inputs, so ``remove_unused_columns=True``
+    keeps them.
 
     Every training log with a ``loss`` also gets ``forget_loss`` and ``retain_loss`` (unweighted), averaged
     over the steps since the previous log like ``loss``. The model is never wrapped here: DeepSpeed / FSDP /
@@ -46,9 +49,11 @@ class UnlearningTrainer(Trainer):
         retain_weight: float = 1.0,
         margin: float = 1.0,
         fused_ihl: bool = False,
+        beta: float | None = None,
+        gamma: float | None = None,
         **trainer_kwargs,
     ) -> None:
-        check_objective(forget_loss, retain_weight, margin)
+        check_objective(forget_loss, retain_weight, margin, beta, gamma)
         check_fused(forget_loss, fused_ihl)
         if fused_ihl:
             patch_fused_ihl(model)  # before the Trainer wraps it
@@ -60,13 +65,15 @@ class UnlearningTrainer(Trainer):
             margin,
             fused_ihl,
         )
+        self.beta, self.gamma = beta, gamma
         self.model_accepts_loss_kwargs = True  # for transformers without loss_is_scaled_for_ga, see above
         self._term_sums: Tensor | None = None  # (2,) forget, retain terms since the last log, on the device
         self._term_steps = 0  # optimizer steps since the last log
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        self._signature_columns += [key for key in BATCH_KEYS if key not in self._signature_columns]
+        keys = (*BATCH_KEYS, REFERENCE_KEY)
+        self._signature_columns += [key for key in keys if key not in self._signature_columns]
 
     def _counts_are_global(self) -> bool:
         return self.args.average_tokens_across_devices and self.args.world_size > 1
@@ -77,7 +84,7 @@ class UnlearningTrainer(Trainer):
         if not batches:  # the epoch iterator ran out
             return batches, None
         self._term_steps += 1
-        counts = count_targets(batches).to(device)
+        counts = count_targets(batches, sequences=self.forget_loss in SEQUENCE_LOSSES).to(device)
         if self._counts_are_global():
             counts = self.accelerator.gather(counts).view(-1, 2).sum(0)  # (processes * 2,) -> (2,)
         return batches, counts
@@ -85,7 +92,8 @@ class UnlearningTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, terms = unlearning_compute_loss(
             model, inputs, forget_loss=self.forget_loss, retain_weight=self.retain_weight, margin=self.margin,
-            num_items_in_batch=num_items_in_batch, return_outputs=True, fused_ihl=self.fused_ihl,
+            num_items_in_batch=num_items_in_batch, return_outputs=True, fused_ihl=self.fused_ihl, beta=self.beta,
+            gamma=self.gamma,
         )  # fmt: skip
         if num_items_in_batch is not None and self._counts_are_global():
             scale = self.accelerator.num_processes  # the processes' gradients are averaged, not summed
