@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--el-threshold", type=float, help="stop at this forget EL_10 instead of the held-out level")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     p.add_argument("--fused-ihl", action="store_true",
-                   help="forget term (ihl, npo, simnpo) from hidden states, no (B, T, V) logits")  # fmt: skip
+                   help="forget and retain terms from hidden states: no (B, T, V) logits")  # fmt: skip
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards; with --params full or lora "
                         "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip

@@ -33,7 +33,7 @@ from .logprob import token_logprob
 TOKEN_LOSSES = ("ihl", "ga")  # one term per next-token target
 SEQUENCE_LOSSES = ("npo", "simnpo")  # one term per sequence
 FORGET_LOSSES = TOKEN_LOSSES + SEQUENCE_LOSSES
-FUSED_LOSSES = ("ihl", "npo", "simnpo")  # forget terms with a fused path (no (B, T, V) logits)
+FUSED_LOSSES = FORGET_LOSSES  # forget terms with a fused path (no (B, T, V) logits): all of them
 NPO_BETA = 0.1  # Zhang et al. 2024 (and open-unlearning's configs/trainer/NPO.yaml)
 SIMNPO_BETA, SIMNPO_GAMMA = 4.5, 0.0  # open-unlearning's configs/trainer/SimNPO.yaml (beta 4.5, delta 0)
 
@@ -126,9 +126,7 @@ def ga_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reducti
 def check_forget_loss(forget_loss: object, choices: tuple[str, ...] = FORGET_LOSSES) -> None:
     """``forget_loss`` is one of ``choices``: a token loss, or (where ``choices`` has them) a sequence loss."""
     if forget_loss not in choices:
-        sequence = tuple(c for c in choices if c in SEQUENCE_LOSSES)
-        also = f", or a per-sequence loss: one of {sequence}" if sequence else ""
-        raise ValueError(f"forget_loss must be one of {TOKEN_LOSSES}, got {forget_loss!r}{also}")
+        raise ValueError(f"forget_loss must be one of {tuple(choices)}, got {forget_loss!r}")
 
 
 def check_objective(
@@ -323,8 +321,8 @@ def forget_term(
     """The forget term of the unlearning engine, as a function of (model, batch).
 
     ``fused=True`` calls a model patched by :func:`fastunlearn.fused_lm.patch_fused_ihl`: IHL from the last
-    hidden states (``ihl=True``), or the per-token log-probabilities of NPO / SimNPO (``logprob=True``), without
-    the (B, T, V) logits; otherwise the model's logits go through :func:`shift_causal` and the loss.
+    hidden states (``ihl=True``), or the per-token log-probabilities of GA / NPO / SimNPO (``logprob=True``),
+    without the (B, T, V) logits; otherwise the model's logits go through :func:`shift_causal` and the loss.
     IHL / GA: summed over the batch's next-token targets. NPO / SimNPO: summed over the batch's sequences with
     at least one target (:func:`npo_loss`, :func:`simnpo_loss` with ``reduction="sum"``); NPO reads the
     reference log-likelihoods from ``batch["reference"]`` (B,). ``beta`` / ``gamma``: None for the defaults.
@@ -333,8 +331,10 @@ def forget_term(
     check_fused(forget_loss, fused)
     if forget_loss in SEQUENCE_LOSSES:
         return lambda model, batch: _sequence_term(model, batch, forget_loss, fused, beta, gamma)
-    if fused:
+    if fused and forget_loss == "ihl":
         return lambda model, batch: model(**batch, ihl=True, reduction="sum").loss
+    if fused:  # GA: -CE summed over the targets = the sum of their log-probabilities (0 at ignored targets)
+        return lambda model, batch: token_logprobs(model, batch, fused=True)[0].sum()
     loss_fn = ihl_loss if forget_loss == "ihl" else ga_loss
     return lambda model, batch: loss_fn(*shift_causal(model(**batch, use_cache=False).logits, **batch), reduction="sum")
 
@@ -348,3 +348,14 @@ def _sequence_term(model, batch, forget_loss: str, fused: bool, beta: float | No
         raise ValueError(f"forget_loss='npo' needs the reference log-likelihoods in batch[{REFERENCE_KEY!r}]")
     beta = NPO_BETA if beta is None else beta
     return npo_loss(logp, batch[REFERENCE_KEY], beta=beta, lengths=lengths, reduction="sum")
+
+
+def retain_term(*, fused: bool = False) -> ForgetTerm:
+    """The retain term of the engine as a function of (model, batch): next-token cross-entropy summed over the
+    batch's targets. ``fused=True``: minus the summed log-probabilities from a patched model's hidden states
+    (``logprob=True``), so the retain batches do not build the (B, T, V) logits either."""
+    if fused:
+        return lambda model, batch: -token_logprobs(model, batch, fused=True)[0].sum()
+    return lambda model, batch: retain_loss(
+        *shift_causal(model(**batch, use_cache=False).logits, **batch), reduction="sum"
+    )

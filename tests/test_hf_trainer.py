@@ -16,6 +16,7 @@ from tiny_models import MemorizerConfig, tiny_model
 from transformers import TrainingArguments
 
 from fastunlearn.data import SequenceSet
+from fastunlearn.fused_lm import patch_fused_ihl
 from fastunlearn.ihl import ihl_loss
 from fastunlearn.integrations.hf import (
     ForgetRetainDataset,
@@ -240,7 +241,7 @@ def test_missing_keys_and_bad_arguments_are_named(tiny, ragged_sets):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"forget_loss": "ascent"}, "forget_loss must be one of \\('ihl', 'ga'\\), got 'ascent'"),
+        ({"forget_loss": "ascent"}, "forget_loss must be one of \\('ihl', 'ga', 'npo', 'simnpo'\\), got 'ascent'"),
         ({"retain_weight": -0.5}, "retain_weight must be a finite number >= 0, got -0.5"),
         ({"retain_weight": True}, "retain_weight must be a finite number >= 0, got True"),
         ({"margin": -1.0}, "margin must be a finite number > 0, got -1.0"),
@@ -306,10 +307,22 @@ def test_fused_ihl_trainer_gives_the_unfused_update(tiny, ragged_sets, tmp_path)
 def test_fused_ihl_needs_a_patched_model_and_ihl(tiny, ragged_sets, tmp_path):
     with pytest.raises(ValueError, match="patch_fused_ihl"):
         unlearning_compute_loss(tiny, batch(*ragged_sets), fused_ihl=True)
-    with pytest.raises(ValueError, match="forget_loss='ga' has no fused path"):
+    with pytest.raises(ValueError, match="patch_fused_ihl"):
         unlearning_compute_loss(tiny, batch(*ragged_sets), forget_loss="ga", fused_ihl=True)
-    with pytest.raises(ValueError, match="forget_loss='ga' has no fused path"):
-        UnlearningTrainer(model=tiny, args=training_args(tmp_path), forget_loss="ga", fused_ihl=True)
+
+
+def test_fused_ga_equals_ga_through_the_logits(tiny, ragged_sets):
+    """GA from the hidden states (the summed log-probabilities) = -CE through the logits, value and gradient."""
+    model = copy.deepcopy(tiny)
+    patch_fused_ihl(model)
+    inputs = batch(*ragged_sets)
+    fused = unlearning_compute_loss(model, inputs, forget_loss="ga", fused_ihl=True)
+    fused.backward()
+    plain = unlearning_compute_loss(tiny, inputs, forget_loss="ga")
+    plain.backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.named_parameters(), tiny.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def ragged_data() -> tuple[torch.nn.Module, ForgetRetainDataset]:

@@ -21,7 +21,7 @@ from fastunlearn.engine.epoch import train_epoch
 from fastunlearn.engine.inputs import batch
 from fastunlearn.fused_lm import patch_fused_ihl
 from fastunlearn.lora import adapters_disabled, inject_lora
-from fastunlearn.objectives import forget_term, npo_loss, simnpo_loss
+from fastunlearn.objectives import forget_term, npo_loss, retain_term, simnpo_loss
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 FAST = {"rank": 4, "alpha": 8.0, "lr": 2e-2, "el_n": 5, "micro_batch_size": 2}
@@ -90,10 +90,8 @@ def test_sequence_losses_reject_bad_options():
         forget_term("ihl", beta=0.5)
     with pytest.raises(ValueError, match="gamma is a parameter of 'simnpo', not of forget_loss='npo'"):
         forget_term("npo", gamma=0.5)
-    with pytest.raises(ValueError, match=r"forget_loss must be one of \('ihl', 'ga'\), got 'dpo', or a per-seq"):
+    with pytest.raises(ValueError, match=r"forget_loss must be one of \('ihl', 'ga', 'npo', 'simnpo'\), got 'dpo'"):
         forget_term("dpo")
-    with pytest.raises(ValueError, match="forget_loss='ga' has no fused path"):
-        forget_term("ga", fused=True)
 
 
 @pytest.mark.parametrize("loss", ["npo", "simnpo"])
@@ -120,6 +118,25 @@ def test_forget_term_equals_the_hand_computation_fused_or_not(loss):
     if loss == "npo":
         with pytest.raises(ValueError, match="needs the reference log-likelihoods in batch\\['reference'\\]"):
             forget_term("npo")(model, {k: v for k, v in batch.items() if k != "reference"})
+
+
+@pytest.mark.parametrize("term", ["ga", "retain"])
+def test_token_terms_from_hidden_states_equal_the_logits_path(term):
+    """GA and the retain term on the fused log-prob: -CE and CE summed over the targets, value and gradient."""
+    seqs = ragged([9, 5, 7, 2], seed=2)
+    model = patch_fused_ihl(tiny_model("gpt_neo"))
+    batch = {"input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask}
+    logp = hand_sequence_logprob(model, seqs)  # (B,) float64 sums over each row's targets
+    want = logp.sum() if term == "ga" else -logp.sum()
+    grads = []
+    for fused in (False, True):
+        model.zero_grad()
+        got = (forget_term("ga", fused=fused) if term == "ga" else retain_term(fused=fused))(model, batch)
+        got.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for unfused, fused in zip(*grads):
+        torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,8 +166,9 @@ def test_epoch_gradient_is_the_sequence_mean_for_any_micro_batch_size(loss):
     for size in (1, 2, 5):
         cfg = UnlearnConfig(forget_loss=loss, micro_batch_size=size, retain_weight=0.0, params="full", **NEVER)
         recorder = GradientRecorder(params)
-        train_epoch(model, forget_term(loss, **cfg.objective_options()), recorder, params, forget, None, cfg,
-                    torch.Generator().manual_seed(0), "cpu", reference=ref if loss == "npo" else None)  # fmt: skip
+        terms = forget_term(loss, **cfg.objective_options()), retain_term()
+        train_epoch(model, *terms, recorder, params, forget, None, cfg, torch.Generator().manual_seed(0), "cpu",
+                    reference=ref if loss == "npo" else None)  # fmt: skip
         grads[size] = recorder.grads
     model.zero_grad()
     logp, lengths = objectives.sequence_logprob(*objectives.token_logprobs(model, batch(forget)))
@@ -229,11 +247,10 @@ def test_reference_helper_disables_adapters():
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({"forget_loss": "dpo"}, r"forget_loss must be one of \('ihl', 'ga'\), got 'dpo', or a per-sequence"),
+        ({"forget_loss": "dpo"}, r"forget_loss must be one of \('ihl', 'ga', 'npo', 'simnpo'\), got 'dpo'"),
         ({"npo_beta": 0.0}, "npo_beta must be a finite number > 0, got 0.0"),
         ({"simnpo_beta": float("inf")}, "simnpo_beta must be a finite number > 0"),
         ({"simnpo_gamma": -0.5}, "simnpo_gamma must be a finite number >= 0, got -0.5"),
-        ({"forget_loss": "ga", "fused_ihl": True}, "forget_loss='ga' has no fused path"),
     ],
 )
 def test_config_validates_the_objective(fields, match):

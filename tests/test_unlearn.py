@@ -192,7 +192,7 @@ def test_accumulated_gradient_is_the_full_batch_gradient(memorized, tmp_path):
     assert first[0.0, 1]["grad_norm"] != pytest.approx(first[1.0, 1]["grad_norm"], rel=1e-3)  # retain term counts
 
 
-def test_fused_ihl_run_equals_the_unfused_one_without_calling_the_lm_head_on_forget_batches(memorized, tmp_path):
+def test_fused_run_equals_the_unfused_one_without_calling_the_lm_head(memorized, tmp_path):
     runs, head_calls = {}, []
     for fused in (False, True):
         model = copy.deepcopy(memorized[0])
@@ -202,10 +202,12 @@ def test_fused_ihl_run_equals_the_unfused_one_without_calling_the_lm_head_on_for
         runs[fused] = run(memorized, tmp_path / f"fused{fused}", model=model, params="lora", fused_ihl=fused,
                           max_epochs=3, config=NEVER)  # fmt: skip
         assert "forward" not in vars(model)  # unpatched at the end
-    assert head_calls.count(True) == head_calls.count(False) // 2  # fused: only the retain forwards call the head
+    assert head_calls.count(False) > 0 and head_calls.count(True) == 0  # fused: no training forward calls the head
+    # the same sums in another order: epoch 1 (before any update) agrees to float rounding; AdamW's normalized
+    # steps then amplify the rounding a little each epoch
     for a, b in zip(runs[False].log["tasks"][0]["epochs"], runs[True].log["tasks"][0]["epochs"], strict=True):
         for key in ("forget_loss", "retain_loss", "grad_norm", "forget_ma"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5 if a["epoch"] == 1 else 1e-3), (key, a["epoch"])
 
 
 def test_non_finite_loss_stops_without_an_update(memorized, tmp_path):
@@ -309,7 +311,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(continual, memorize
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"forget_loss": "kl"}, r"forget_loss must be one of \('ihl', 'ga'\), got 'kl'"),
+        ({"forget_loss": "kl"}, r"forget_loss must be one of \('ihl', 'ga', 'npo', 'simnpo'\), got 'kl'"),
         ({"params": "adapters"}, "params must be one of"),
         ({"retain_weight": -1.0}, "retain_weight must be a finite number >= 0, got -1.0"),
         ({"rank": 0}, "rank must be an int >= 1, got 0"),
@@ -325,7 +327,6 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(continual, memorize
         ({"params": "lora", "fila": {"eps": 1e-3}}, "given only with params='fila'"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing must be a bool"),
         ({"parallel": "zero3"}, r"parallel must be one of \('ddp', 'fsdp'\), got 'zero3'"),
-        ({"forget_loss": "ga", "fused_ihl": True}, "forget_loss='ga' has no fused path"),
     ],
 )
 def test_config_validation(overrides, match):

@@ -56,7 +56,7 @@ class UnlearnConfig:
     eval_heldout_el_after: bool = False  # after each task, the held-out set's EL too (MA always; EL costs most)
     eval_batch_size: int = 32  # sequences per forward when measuring MA, EL and perplexity
     parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
-    fused_ihl: bool = False  # forget term (IHL, NPO, SimNPO) from the last hidden states: no (B, T, V) logits
+    fused_ihl: bool = False  # forget and retain terms from the last hidden states: no (B, T, V) logits (HF LMs)
     allow_heldout_overlap: bool = False  # accept held-out rows that repeat forget rows (inputs.check_heldout_overlap)
 
     def __post_init__(self) -> None:

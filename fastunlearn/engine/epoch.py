@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import _parallel
 from .. import distributed as dist_utils
 from ..data import SequenceSet, iterate_batches
-from ..objectives import REFERENCE_KEY, ForgetTerm, retain_loss, shift_causal
+from ..objectives import REFERENCE_KEY, ForgetTerm
 from ..objectives import forget_units as count_forget_units
 from .config import UnlearnConfig
 from .evaluation import finite
@@ -65,8 +65,8 @@ def reduce_summary(sums: torch.Tensor, extremes: torch.Tensor) -> tuple[torch.Te
 
 
 def train_epoch(
-    train_model, forget_term: ForgetTerm, optimizer, params, forget, retain, cfg: UnlearnConfig, generator, device,
-    reference=None,
+    train_model, forget_term: ForgetTerm, retain_term: ForgetTerm, optimizer, params, forget, retain,
+    cfg: UnlearnConfig, generator, device, reference=None,
 ) -> dict:  # fmt: skip
     """Accumulate the whole forget set's gradient over micro-batches, then make ONE update (unless not finite).
     Multi-process: rank r runs pairs r, r + world_size, ...; its last backward reduces the gradients.
@@ -92,7 +92,7 @@ def train_epoch(
             loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget units
             if r is not None:
                 r = {k: v.to(device) for k, v in r.items()}
-                r_sum = retain_loss(*shift_causal(train_model(**r, use_cache=False).logits, **r), reduction="sum")
+                r_sum = retain_term(train_model, r)  # summed over the micro-batch's next-token targets
                 loss = loss + cfg.retain_weight * r_sum / n_retain
                 r_sums.append(r_sum.detach())
             (loss * scale).backward()

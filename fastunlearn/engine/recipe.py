@@ -21,7 +21,7 @@ from .. import distributed as dist_utils
 from ..data import SequenceSet, UnlearningData
 from ..fused_lm import patch_fused_ihl, unpatch_fused_ihl
 from ..lora import trainable_parameters
-from ..objectives import forget_term
+from ..objectives import forget_term, retain_term
 from ..report import check_plotting, outcome, write_json
 from . import checkpoint, evaluation, outdir, progress
 from . import reference as npo_reference
@@ -152,6 +152,7 @@ class UnlearnRecipe:
         if cfg.fused_ihl:
             patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
         self.forget_term = forget_term(cfg.forget_loss, fused=cfg.fused_ihl, **cfg.objective_options())
+        self.retain_term = retain_term(fused=cfg.fused_ihl)
         self.train_model = _parallel.wrap(model, cfg.parallel, next(model.parameters()).device)
         self.device = next(model.parameters()).device  # FSDP moves a CPU model to this rank's GPU as it shards
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in shards
@@ -208,9 +209,9 @@ class UnlearnRecipe:
             eta = "" if last_s is None else f", ETA {last_s:.0f} s (as the last epoch)"
             self.info("%s training: %d forget sequences in micro-batches of %d%s", phase, len(forget),
                       cfg.micro_batch_size, eta)  # fmt: skip
-        record.update(train_epoch(self.train_model, self.forget_term, optimizer, self.params, forget, self.retain,
-                                  cfg, self.generator, self.device,
-                                  reference=None if self.reference is None else self.reference[k]))  # fmt: skip
+        reference = None if self.reference is None else self.reference[k]
+        record.update(train_epoch(self.train_model, self.forget_term, self.retain_term, optimizer, self.params, forget,
+                                  self.retain, cfg, self.generator, self.device, reference=reference))  # fmt: skip
         record["train_s"] = self.last_train_s = self.lap("train_s")
         phase += " evaluation:"
         metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it

@@ -106,8 +106,11 @@ def unlearning_compute_loss(
         retain_ids, retain_mask = _require(inputs, RETAIN_KEYS, why)
     if forget_loss in SEQUENCE_LOSSES:
         forget_sum = _sequence_sum(model, inputs, forget_loss, fused_ihl, beta, gamma)
-    elif fused_ihl:
+    elif fused_ihl and forget_loss == "ihl":
         forget_sum = _fused_ihl_sum(model, forget_ids, forget_mask, margin)
+    elif fused_ihl:  # GA: the summed log-probabilities from the hidden states
+        _check_patched(model)
+        forget_sum = forget_term("ga", fused=True)(model, {"input_ids": forget_ids, "attention_mask": forget_mask})
     elif forget_loss == "ihl":
         forget_sum = _token_sum(model, forget_ids, forget_mask, ihl_loss, margin=margin)
     else:
