@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import _parallel
-from .._validate import is_int, is_number
+from .._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 from ..fila import FilaConfig
 from ..objectives import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, check_forget_loss, check_fused
 
@@ -68,33 +68,25 @@ class UnlearnConfig:
             )
         self.betas = tuple(self.betas)
         check_forget_loss(self.forget_loss)
-        for name, choices in (("params", PARAMS), ("stop", STOPS), ("dtype", DTYPES),
-                              ("parallel", _parallel.PARALLEL)):  # fmt: skip
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
-        if not (is_number(self.retain_weight) and self.retain_weight >= 0):
-            raise ValueError(f"retain_weight must be a finite number >= 0, got {self.retain_weight!r}")
+        for name, choices in (("params", PARAMS), ("stop", STOPS), ("dtype", tuple(DTYPES)),
+                              ("parallel", tuple(_parallel.PARALLEL))):  # fmt: skip
+            check_choice(name, getattr(self, name), choices)
         for name in ("rank", "max_epochs", "min_epochs", "micro_batch_size", "el_n", "eval_batch_size"):
-            if not is_int(getattr(self, name), 1):
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("eval_retain_max", "fisher_max_examples"):
             if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an int >= 1 or None (every sequence), got {getattr(self, name)!r}")
         if self.min_epochs > self.max_epochs:
             raise ValueError(f"min_epochs must be <= max_epochs ({self.max_epochs}), got {self.min_epochs}")
-        if not is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        for name in ("alpha", "lr", "npo_beta", "simnpo_beta"):
-            value = getattr(self, name)
-            if not (value is None and name == "lr") and not (is_number(value) and value > 0):
-                raise ValueError(
-                    f"{name} must be a finite number > 0{' or None' if name == 'lr' else ''}, got {value!r}"
-                )
+        check_int("seed", self.seed)
+        if self.lr is not None and not (is_number(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0 or None, got {self.lr!r}")
+        for name in ("alpha", "npo_beta", "simnpo_beta"):
+            check_number(name, getattr(self, name), 0, strict=True)
+        for name in ("retain_weight", "weight_decay", "simnpo_gamma"):
+            check_number(name, getattr(self, name), 0)
         if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("weight_decay", "simnpo_gamma"):
-            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name in ("ma_threshold", "el_threshold"):
             value = getattr(self, name)
             if self.stop == "threshold" and not (is_number(value) and 0 <= value <= 1):
@@ -103,8 +95,7 @@ class UnlearnConfig:
                 raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
         for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl", "cache_heldout_baseline",
                      "eval_heldout_el_after", "allow_heldout_overlap"):  # fmt: skip
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         check_fused(self.forget_loss, self.fused_ihl)
         if not isinstance(self.fila, dict) or (self.fila and self.params != "fila"):
             raise ValueError(f"fila must be a dict of FILA options, given only with params='fila', got {self.fila!r}")
