@@ -61,6 +61,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     from .engine.progress import log_to_terminal
 
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
+    utility = named_sources(args.utility, "--utility")  # before any model loads
     config = UnlearnConfig(
         forget_loss=args.loss, retain_weight=0.0 if args.no_retain else args.retain_weight, params=args.params,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lr=args.lr,
@@ -80,8 +81,9 @@ def _unlearn(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = _load_model(args.model, args.dtype, device)
         data = load_unlearning_data(
-            tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field
-        )
+            tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field,
+            utility=utility,
+        )  # fmt: skip
         result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
         is_main = current().is_main
     finally:
@@ -90,6 +92,20 @@ def _unlearn(args: argparse.Namespace) -> int:
     if is_main:
         print(f"{'forgotten' if result.success else 'NOT forgotten'}: report in {args.out}/report.md")
     return 0 if result.success else 1
+
+
+def named_sources(specs: list[str] | None, flag: str) -> dict[str, str]:
+    """{NAME: FILE} of a repeatable ``flag NAME=FILE`` option, in order; ValueError naming ``flag`` for a spec
+    without both parts or a NAME given twice."""
+    sources: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"{flag} takes NAME=FILE, got {spec!r}")
+        if name in sources:
+            raise ValueError(f"{flag} name {name!r} is given twice")
+        sources[name] = source
+    return sources
 
 
 def _lm_eval_tasks(spec: str | None) -> list[str]:
@@ -104,12 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_texts, tokenize_sequences
     from .metrics import evaluate
 
-    sets = {}
-    for spec in args.set or []:
-        name, sep, source = spec.partition("=")
-        if not sep or not name or not source:
-            raise ValueError(f"--set takes NAME=FILE, got {spec!r}")
-        sets[name] = source
+    sets = named_sources(args.set, "--set")
     tasks = _lm_eval_tasks(args.lm_eval_tasks)
     if not sets and not tasks:
         raise ValueError("nothing to evaluate: give --set NAME=FILE (repeat) and/or --lm-eval-tasks")
@@ -225,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-heldout-overlap", action="store_true",
                    help="accept held-out rows identical to forget rows or sharing >= 90%% of their 8-token n-grams "
                    "with them (refused by default: the criterion would copy a memorized level)")  # fmt: skip
+    p.add_argument("--utility", action="append", metavar="NAME=FILE",
+                   help="text never trained on whose perplexity shows what unlearning costs (repeat: wikitext=..., "
+                   "pile=...); measured before, every epoch and after on a seeded sample of --eval-retain-max "
+                   "sequences")  # fmt: skip
     p.add_argument("--loss", choices=("ihl", "ga"), default="ihl", help="forget loss (ihl: the paper's)")
     p.add_argument("--no-retain", action="store_true", help="no retain loss (plain GA when --loss ga)")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain loss (1.0)")
@@ -245,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards; with --params full or lora "
                         "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip
     p.add_argument("--eval-retain-max", type=int, default=128, metavar="N",
-                   help="retain perplexity on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
+                   help="retain / utility perplexity on a seeded sample of N sequences each; 0: all (128)")  # fmt: skip
     p.add_argument("--fisher-max-examples", type=int, default=128, metavar="N",
                    help="FILA's retain Fisher on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
     p.add_argument("--no-baseline-cache", action="store_true",
