@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("memorized: forget MA %s, EL_10 %s", before["ma"], before["el"])
     runs_file, runs = args.out / "runs.jsonl", []
     todo = sorted(_methods(), key=lambda m: ORDER.index(m.name) if m.name in ORDER else len(ORDER))
-    for method in todo:
-        for seed in args.seeds:
-            for forget_set in data["forget"]:
+    for seed in args.seeds:  # every method on one forget set and seed before the next: a partial run compares
+        for forget_set in data["forget"]:
+            for method in todo:
                 for factor in LR_GRID:
                     lr = (5e-5 if method.params == "full" else 2e-4) * factor
                     out = args.cache / "table1-real-runs" / f"{method.slug}-{forget_set}-s{seed}-x{factor:g}"
