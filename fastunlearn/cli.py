@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
   fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt
   fastunlearn demo
+  fastunlearn demo --real
 """
 
 EXIT_STATUS = """exit status:
@@ -62,6 +63,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     from .engine.progress import log_to_terminal
 
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
+    utility = named_sources(args.utility, "--utility")  # before any model loads
     config = UnlearnConfig(
         **_objective_options(args.loss, args.beta, args.gamma),
         forget_loss=args.loss, retain_weight=0.0 if args.no_retain else args.retain_weight, params=args.params,
@@ -82,8 +84,9 @@ def _unlearn(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = _load_model(args.model, args.dtype, device)
         data = load_unlearning_data(
-            tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field
-        )
+            tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field,
+            utility=utility,
+        )  # fmt: skip
         result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
         is_main = current().is_main
     finally:
@@ -107,6 +110,20 @@ def _objective_options(loss: str, beta: float | None, gamma: float | None) -> di
     return options if gamma is None else {**options, "simnpo_gamma": gamma}
 
 
+def named_sources(specs: list[str] | None, flag: str) -> dict[str, str]:
+    """{NAME: FILE} of a repeatable ``flag NAME=FILE`` option, in order; ValueError naming ``flag`` for a spec
+    without both parts or a NAME given twice."""
+    sources: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"{flag} takes NAME=FILE, got {spec!r}")
+        if name in sources:
+            raise ValueError(f"{flag} name {name!r} is given twice")
+        sources[name] = source
+    return sources
+
+
 def _lm_eval_tasks(spec: str | None) -> list[str]:
     """``--lm-eval-tasks``: comma-separated lm-eval task names; ``paper`` stands for the paper's nine."""
     from .downstream import PAPER_TASKS
@@ -119,12 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_texts, tokenize_sequences
     from .metrics import evaluate
 
-    sets = {}
-    for spec in args.set or []:
-        name, sep, source = spec.partition("=")
-        if not sep or not name or not source:
-            raise ValueError(f"--set takes NAME=FILE, got {spec!r}")
-        sets[name] = source
+    sets = named_sources(args.set, "--set")
     tasks = _lm_eval_tasks(args.lm_eval_tasks)
     if not sets and not tasks:
         raise ValueError("nothing to evaluate: give --set NAME=FILE (repeat) and/or --lm-eval-tasks")
@@ -182,9 +194,15 @@ def _check_lm_eval_tasks(tasks: list[str], include: str | None) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.real:
+        from .demo_real import RealDemoConfig
+        from .demo_real import main as real_main
+
+        return real_main(RealDemoConfig(seed=args.seed, out_dir=args.out or "fastunlearn-demo-real",
+                                        cache_dir=args.cache_dir))  # fmt: skip
     from .demo import DemoConfig, main
 
-    return main(DemoConfig(seed=args.seed, out_dir=args.out, cache_dir=args.cache_dir))
+    return main(DemoConfig(seed=args.seed, out_dir=args.out or "fastunlearn-demo", cache_dir=args.cache_dir))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -240,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-heldout-overlap", action="store_true",
                    help="accept held-out rows identical to forget rows or sharing >= 90%% of their 8-token n-grams "
                    "with them (refused by default: the criterion would copy a memorized level)")  # fmt: skip
+    p.add_argument("--utility", action="append", metavar="NAME=FILE",
+                   help="text never trained on whose perplexity shows what unlearning costs (repeat: wikitext=..., "
+                   "pile=...); measured before, every epoch and after on a seeded sample of --eval-retain-max "
+                   "sequences")  # fmt: skip
     p.add_argument("--loss", choices=("ihl", "ga", "npo", "simnpo"), default="ihl",
                    help="forget loss: ihl (the paper's), ga (gradient ascent), npo (Zhang et al. 2024; its reference "
                    "log-likelihoods are computed once, no second model), simnpo (Fan et al. 2024) (ihl)")  # fmt: skip
@@ -265,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: ddp (a model copy per GPU) or fsdp (FSDP2 shards; with --params full or lora "
                         "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip
     p.add_argument("--eval-retain-max", type=int, default=128, metavar="N",
-                   help="retain perplexity on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
+                   help="retain / utility perplexity on a seeded sample of N sequences each; 0: all (128)")  # fmt: skip
     p.add_argument("--fisher-max-examples", type=int, default=128, metavar="N",
                    help="FILA's retain Fisher on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
     p.add_argument("--no-baseline-cache", action="store_true",
@@ -294,8 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: a tiny model memorizes data, then FILA + IHL unlearns it")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model and unlearning (default 0)")
-    p.add_argument("--out", default="fastunlearn-demo",
-                   help="output directory (./fastunlearn-demo); a previous demo output there is replaced")  # fmt: skip
+    p.add_argument("--out", help="output directory (./fastunlearn-demo, with --real ./fastunlearn-demo-real); a "
+                   "previous demo output there is replaced")  # fmt: skip
+    p.add_argument("--real", action="store_true",
+                   help="the same story on a real pretrained model: SmolLM2-135M-Instruct (a Q4_1 GGUF, "
+                   "dequantized; 93 MB downloaded once) is fine-tuned to memorize the records, then unlearns 12; "
+                   "minutes on a CPU")  # fmt: skip
     p.add_argument("--cache-dir", help="where the memorized model is cached ($FASTUNLEARN_CACHE_DIR, else "
                    "~/.cache/fastunlearn)")  # fmt: skip
     p.set_defaults(func=_demo)

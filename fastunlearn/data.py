@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
@@ -303,12 +303,14 @@ def tokenize_sequences(
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class UnlearningData:
-    """The forget set, and optionally the retain set (for the retain loss) and a held-out set (EL / MA
-    reference values measured on sequences the model never saw)."""
+    """The forget set, and optionally the retain set (for the retain loss), a held-out set (EL / MA
+    reference values measured on sequences the model never saw) and utility sets: {name: text never trained on}
+    whose perplexity shows what unlearning costs the model."""
 
     forget: SequenceSet
     retain: SequenceSet | None = None
     heldout: SequenceSet | None = None
+    utility: dict[str, SequenceSet] | None = None
 
 
 def load_unlearning_data(
@@ -323,11 +325,13 @@ def load_unlearning_data(
     add_eos: bool = False,
     text_field: str = "text",
     split: str = "train",
+    utility: Mapping[str, Source] | None = None,
 ) -> UnlearningData:
     """Load (``load_texts``) and tokenize (``tokenize_sequences``) each given set.
 
     The forget and held-out sets are truncated (one ``seq_len`` row per text, as the paper's 200-token
-    sequences); the retain set uses ``retain_mode`` (``"pack"`` by default: running text cut into blocks).
+    sequences); the retain set uses ``retain_mode`` (``"pack"`` by default: running text cut into blocks), and
+    so does each utility set ({name: source}, named "utility set NAME" in errors).
     ``min_len``, ``add_eos``, ``text_field`` and ``split`` apply to every set; for per-set settings, pass
     lists from ``load_texts``. Errors name the set ("retain set file not found: ...").
     """
@@ -340,6 +344,12 @@ def load_unlearning_data(
             role = f"{name} set"
             texts = load_texts(source, text_field=text_field, split=split, role=role)
             sets[name] = tokenize_sequences(texts, tokenizer, **asdict(configs[name]), role=role)
+    if utility:
+        sets["utility"] = {}
+        for name, source in utility.items():
+            role = f"utility set {name}"
+            texts = load_texts(source, text_field=text_field, split=split, role=role)
+            sets["utility"][name] = tokenize_sequences(texts, tokenizer, **asdict(retain_config), role=role)
     return UnlearningData(**sets)
 
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from .export import atomic_directory
 from .metrics import evaluate, memorization_accuracy, perplexity
 from .models import cache_root
 
+logger = logging.getLogger("fastunlearn.demo")  # memorization progress; shown where log_to_terminal() is on
 VOCAB_SIZE = 1024  # BPE tokens: whole names and words are single tokens
 MAX_SEQ_LEN = 32  # records are longer (34+ tokens over 60 seeds), so no sequence is padded
 NUM_HEADS = 4
@@ -141,27 +144,45 @@ def build_model(cfg: DemoConfig, tokenizer) -> torch.nn.Module:
     return GPTNeoForCausalLM(config)
 
 
+def train_until_memorized(model: torch.nn.Module, train: torch.Tensor, check: torch.Tensor, *, steps: int, lr: float,
+                          target: float, check_every: int, batch_size: int | None = None) -> dict:  # fmt: skip
+    """AdamW steps (no weight decay) on ``train`` (N, L) token ids, each over all N rows (in chunks of
+    ``batch_size`` rows, gradients accumulated token-weighted alike: one update per step), until the mean MA of
+    ``check`` (M, L) reaches ``target`` (measured every ``check_every`` steps and after the last) or ``steps``
+    end. Returns {"steps", "train_ma" (``check``'s MA), "seconds"}; the model is left in eval mode."""
+    start = time.perf_counter()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    chunks = train.split(batch_size or len(train))
+    bar = tqdm(range(1, steps + 1), desc="memorizing", unit="step", leave=False, disable=None)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        for chunk in chunks:
+            loss = model(input_ids=chunk, labels=chunk).loss
+            (loss * len(chunk) / len(train)).backward()  # equal-length rows: the full batch's mean
+        optimizer.step()
+        if step % check_every == 0 or step == steps:
+            model.eval()
+            train_ma = memorization_accuracy(model, check).mean().item()
+            model.train()
+            bar.set_postfix(loss=f"{loss.item():.3f}", MA=f"{train_ma:.3f}")
+            logger.info("memorizing: step %d/%d, loss %.3f, MA %.3f (target %g), %.0f s", step, steps, loss.item(),
+                        train_ma, target, time.perf_counter() - start)  # fmt: skip
+            if train_ma >= target:
+                break
+    bar.close()
+    return {"steps": step, "train_ma": train_ma, "seconds": time.perf_counter() - start}
+
+
 def memorize(cfg: DemoConfig, data: UnlearningData, tokenizer) -> tuple[torch.nn.Module, dict]:
     """A fresh model trained (full batch, AdamW) on forget + retain until their MA reaches MEMORIZED_MA or the
     step budget ends; returns it in eval mode with {"steps", "train_ma", "seconds"}."""
-    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
     train = torch.cat([data.forget.input_ids, data.retain.input_ids])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.memorize_lr, weight_decay=0.0)
-    bar = tqdm(range(1, cfg.memorize_steps + 1), desc="memorizing", unit="step", leave=False, disable=None)
-    for step in bar:
-        loss = model(input_ids=train, labels=train).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % CHECK_EVERY == 0 or step == cfg.memorize_steps:
-            train_ma = memorization_accuracy(model, train).mean().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", MA=f"{train_ma:.3f}")
-            if train_ma >= MEMORIZED_MA:
-                break
-    bar.close()
-    return model.eval(), {"steps": step, "train_ma": train_ma, "seconds": time.perf_counter() - start}
+    stats = train_until_memorized(model, train, train, steps=cfg.memorize_steps, lr=cfg.memorize_lr,
+                                  target=MEMORIZED_MA, check_every=CHECK_EVERY)  # fmt: skip
+    return model.eval(), stats
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,14 +205,14 @@ def _file_hashes(directory: Path) -> dict[str, str]:
 def load_cached(path: Path, cfg: DemoConfig) -> tuple[torch.nn.Module, object, dict]:
     """(model in eval mode, tokenizer, memorization stats) from a cache directory; ValueError if its manifest
     is missing, made for other settings, or its files are not exactly the ones it lists."""
-    from transformers import GPTNeoForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # the real demo caches a Llama
 
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest["settings"] != cfg.memorization_settings():
         raise ValueError("it was made with other settings")
     if _file_hashes(path) != manifest["files"]:
         raise ValueError("its files differ from the ones its manifest lists")
-    model = GPTNeoForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
     return model.eval(), PreTrainedTokenizerFast.from_pretrained(path), manifest["memorization"]
 
 
@@ -217,8 +238,17 @@ def check_cache_root(root: Path) -> None:
         ) from None
 
 
-def memorized_model(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[torch.nn.Module, object, dict]:
-    """(model, tokenizer, stats with "cache" and "cached") from the cache, else memorized and cached."""
+def memorize_fresh(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[torch.nn.Module, object, dict]:
+    """(a new GPT-Neo trained until it reproduces the records, the demo's BPE tokenizer, memorization stats)."""
+    tokenizer = train_tokenizer(cfg.seed, VOCAB_SIZE)
+    model, stats = memorize(cfg, tokenize_records(records, tokenizer, cfg.seq_len), tokenizer)
+    return model, tokenizer, stats
+
+
+def memorized_model(cfg, records: dict[str, list[str]],
+                    make: Callable = memorize_fresh) -> tuple[torch.nn.Module, object, dict]:  # fmt: skip
+    """(model, tokenizer, stats with "cache" and "cached") from the cache, else ``make(cfg, records)`` and cached.
+    ``cfg``: a DemoConfig or anything with its ``cache_dir`` and ``memorization_settings()``."""
     path = cache_path(cfg, records)
     if path.exists():
         try:
@@ -227,8 +257,7 @@ def memorized_model(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[tor
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, rebuilding fixes it
             print(f"The cache {path} is unusable ({type(exc).__name__}: {exc}); memorizing again.")
     check_cache_root(path.parent)  # before the tokenizer and the training, not after
-    tokenizer = train_tokenizer(cfg.seed, VOCAB_SIZE)
-    model, stats = memorize(cfg, tokenize_records(records, tokenizer, cfg.seq_len), tokenizer)
+    model, tokenizer, stats = make(cfg, records)
     save_cache(path, cfg, model, tokenizer, stats)
     return model, tokenizer, {**stats, "cache": str(path), "cached": False}
 

@@ -85,6 +85,27 @@ def _heldout_notes(log: dict) -> list[str]:
     return ["", " ".join(notes)] if notes else []
 
 
+def _utility_lines(log: dict) -> list[str]:
+    """The utility sets' perplexity before and after unlearning and their ratio (after / before: 1 = unharmed),
+    or nothing when the run had none."""
+    before = log["baseline"].get("utility_ppl")
+    if not before:
+        return []
+    after = log["tasks"][-1]["after"]["utility_ppl"]
+    used, total = log["data"]["utility_ppl_sequences"], log["data"]["utility"]
+    lines = [
+        "",
+        "## Utility: perplexity on text never trained on",
+        "",
+        "| set | sequences | PPL before | PPL after | after / before |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, value in before.items():
+        count = f"{used[name]} of {total[name]}" if used[name] != total[name] else f"all {total[name]}"
+        lines.append(f"| {name} | {count} | {value:.3f} | {after[name]:.3f} | {after[name] / value:.3f} |")
+    return lines
+
+
 def outcome(log: dict) -> str:
     """Why a finished run succeeded or failed, one line."""
     if log["success"]:
@@ -135,19 +156,34 @@ def report_markdown(log: dict) -> str:
         met = "" if "met" not in a else "met" if a["met"] else "not met"
         lines.append(f"| {name} | {_f(b['ma'])} | {_f(a['ma'])} | {_f(b['el'])} | {_f(a['el'])} | {met} |")
     lines += _heldout_notes(log)
+    lines += _utility_lines(log)
     if before["retain_ppl"] is not None:
         lines += ["", f"Retain perplexity {_sample_text(log, 'retain_ppl_sequences')} (the retain set trained on): "
-                  f"{before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after."]  # fmt: skip
+                  f"{before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after. The retain loss trains on "
+                  "it, so it says nothing about damage; text never trained on (utility sets) does."]  # fmt: skip
+    names = list(before.get("utility_ppl") or {})
     for task in log["tasks"]:
+        heads = [
+            "epoch",
+            "forget loss",
+            "micro-batch range",
+            "retain loss",
+            "grad norm",
+            "forget MA",
+            f"forget EL_{n}",
+            "retain PPL (trained on)",
+            *(f"{name} PPL" for name in names),
+            "criterion",
+        ]
         lines += ["", f"## Forget set {task['task'] + 1} ({task['size']} sequences): {task['stop_reason']}", "",
-                  f"| epoch | forget loss | micro-batch range | retain loss | grad norm | forget MA | forget EL_{n} "
-                  f"| retain PPL | criterion |", "| " + " | ".join(["---"] * 9) + " |"]  # fmt: skip
+                  "| " + " | ".join(heads) + " |", "| " + " | ".join(["---"] * len(heads)) + " |"]  # fmt: skip
         for e in task["epochs"]:
             low, high = e["forget_loss_range"]
+            utility = "".join(f"{_f(e['utility_ppl'][name], 3)} | " for name in names)
             lines.append(
                 f"| {e['epoch']} | {_f(e['forget_loss'])} | [{_f(low)}, {_f(high)}] | {_f(e['retain_loss'])} | "
                 f"{_f(e['grad_norm'])} | {_f(e['forget_ma'])} | {_f(e['forget_el'])} | {_f(e['retain_ppl'], 3)} | "
-                f"{'met' if e['criterion_met'] else 'not met'} |"
+                f"{utility}{'met' if e['criterion_met'] else 'not met'} |"
             )
         if len(log["tasks"]) > 1:
             measured = ", ".join(
@@ -165,15 +201,18 @@ def write_report(path: Path, log: dict) -> None:
 
 def write_plot(path: Path, log: dict) -> None:
     """Forget MA and EL_n per epoch (epoch 0: before) with the criterion's limits; in continual runs the earlier
-    sets' values after each later task (x); retain PPL if measured."""
+    sets' values after each later task (x); retain PPL if measured; each utility set's PPL if any."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     from matplotlib.ticker import MaxNLocator
 
     n, crit, tasks = log["config"]["el_n"], log["criterion"], log["tasks"]
     has_ppl = log["baseline"]["retain_ppl"] is not None
-    fig = Figure(figsize=(8, 6 if has_ppl else 4), layout="constrained")
-    axes = fig.subplots(2 if has_ppl else 1, 1, sharex=True, squeeze=False)[:, 0]
+    utility = list(log["baseline"].get("utility_ppl") or {})
+    panels = 1 + has_ppl + bool(utility)
+    fig = Figure(figsize=(8, 2 + 2 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     start, ppl_x, ppl_y, colors = 0, [0], [log["baseline"]["retain_ppl"]], []
+    utility_y = {name: [log["baseline"]["utility_ppl"][name]] for name in utility}
     for task in tasks:
         first = log["baseline"]["forget"][task["task"]]
         x = [start, *(start + e["epoch"] for e in task["epochs"])]
@@ -189,6 +228,8 @@ def write_plot(path: Path, log: dict) -> None:
             axes[0].plot(x[-1], after["ma"], "x", color=colors[j], ms=9, label=label)
         ppl_x += x[1:]
         ppl_y += [e["retain_ppl"] for e in task["epochs"]]
+        for name in utility:
+            utility_y[name] += [e["utility_ppl"][name] for e in task["epochs"]]
         start = x[-1]
         if len(tasks) > 1:
             axes[0].axvline(start, color="grey", lw=0.5)
@@ -199,7 +240,12 @@ def write_plot(path: Path, log: dict) -> None:
     axes[0].legend(fontsize="small")
     if has_ppl:
         axes[1].plot(ppl_x, ppl_y, "o-", color="tab:green")
-        axes[1].set(ylabel="retain perplexity")
+        axes[1].set(ylabel="retain perplexity\n(trained on)")
+    if utility:
+        for name in utility:
+            axes[-1].plot(ppl_x, utility_y[name], "o-", label=name)
+        axes[-1].set(ylabel="utility perplexity\n(never trained on)")
+        axes[-1].legend(fontsize="small")
     axes[-1].set(xlabel="epoch (one update each; 0 = before)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     buffer = io.BytesIO()

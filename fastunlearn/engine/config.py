@@ -50,7 +50,7 @@ class UnlearnConfig:
     gradient_checkpointing: bool = False  # recompute activations during backward (transformers models)
     fila: dict = field(default_factory=dict)  # params="fila": FilaConfig options (fisher_mode, eps, ...) but rank/alpha
     eval_retain_ppl: bool = False  # measure the retain set's perplexity before, after every epoch and task
-    eval_retain_max: int | None = 128  # retain perplexity on a seeded sample of this many sequences (None: all)
+    eval_retain_max: int | None = 128  # retain and utility PPL: a seeded sample of this many sequences (None: all)
     fisher_max_examples: int | None = 128  # FILA's retain Fisher on a seeded sample of this many (None: all)
     cache_heldout_baseline: bool = True  # reuse the held-out set's MA / EL before unlearning across runs
     eval_heldout_el_after: bool = False  # after each task, the held-out set's EL too (MA always; EL costs most)

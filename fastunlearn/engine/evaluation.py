@@ -1,4 +1,4 @@
-"""Measuring a run: MA and EL_n of a set, retain perplexity, the criterion and the stop rule.
+"""Measuring a run: MA and EL_n of a set, retain and utility perplexity, the criterion and the stop rule.
 
 Multi-process: each rank measures its share of the sequences and every rank gets every value.
 """
@@ -30,9 +30,10 @@ def seeded_sample(seqs: SequenceSet, limit: int | None, seed: int) -> SequenceSe
     return seqs[index.sort().values]
 
 
-def ppl_sample(retain: SequenceSet, cfg: UnlearnConfig) -> SequenceSet:
-    """The retain sequences whose perplexity is measured: the same seeded sample before, every epoch and after."""
-    return seeded_sample(retain, cfg.eval_retain_max, cfg.seed)
+def ppl_sample(seqs: SequenceSet, cfg: UnlearnConfig) -> SequenceSet:
+    """The sequences of a retain or utility set whose perplexity is measured: one seeded sample of at most
+    ``cfg.eval_retain_max``, the same before, every epoch and after."""
+    return seeded_sample(seqs, cfg.eval_retain_max, cfg.seed)
 
 
 def in_batches(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, size: int, phase: str) -> torch.Tensor:
@@ -81,20 +82,34 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
     return {"ma": ma, "el": el.mean().item()}
 
 
-def retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig, phase: str = "") -> float | None:
-    """Token-weighted perplexity (padding removed) of the retain set's ``ppl_sample``; None unless
-    ``cfg.eval_retain_ppl``."""
-    if not cfg.eval_retain_ppl:
-        return None
+def sample_ppl(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, phase: str) -> float:
+    """exp(sum of next-token NLL / number of targets) over the ``ppl_sample`` of ``seqs``, padding removed
+    (token-weighted, as ``metrics.sequence_nll`` counts); progress lines of ``phase``."""
 
-    def nll_and_count(seqs: SequenceSet) -> torch.Tensor:  # (n, 2) float64
-        rows = [ids[: int(mask.sum())] for ids, mask in zip(seqs.input_ids, seqs.attention_mask)]
+    def nll_and_count(part: SequenceSet) -> torch.Tensor:  # (n, 2) float64
+        rows = [ids[: int(mask.sum())] for ids, mask in zip(part.input_ids, part.attention_mask)]
         nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size)
         return torch.stack([nll, count.double()], dim=1)
 
-    rows = per_sequence(nll_and_count, ppl_sample(retain, cfg), model, cfg, f"{phase} retain perplexity")
+    rows = per_sequence(nll_and_count, ppl_sample(seqs, cfg), model, cfg, phase)
     nll, count = rows.sum(0).tolist()
     return math.exp(nll / count)
+
+
+def retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig, phase: str = "") -> float | None:
+    """The retain set's :func:`sample_ppl` (the text the run trains on); None unless ``cfg.eval_retain_ppl``."""
+    if not cfg.eval_retain_ppl:
+        return None
+    return sample_ppl(model, retain, cfg, f"{phase} retain perplexity")
+
+
+def utility_ppl(model: nn.Module, utility: dict[str, SequenceSet] | None, cfg: UnlearnConfig,
+                phase: str = "") -> dict[str, float] | None:  # fmt: skip
+    """{name: :func:`sample_ppl`} of each utility set (text never trained on: what unlearning costs the model);
+    None when there is none."""
+    if not utility:
+        return None
+    return {name: sample_ppl(model, seqs, cfg, f"{phase} utility {name} perplexity") for name, seqs in utility.items()}
 
 
 def criterion_met(metrics: dict, criterion: dict) -> bool:
@@ -105,8 +120,8 @@ def finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout,
-             cache: HeldoutCache | None = None) -> tuple[dict, dict, dict | None]:  # fmt: skip
+def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, cache: HeldoutCache | None = None,
+             utility: dict[str, SequenceSet] | None = None) -> tuple[dict, dict, dict | None]:  # fmt: skip
     """(metrics before unlearning, the criterion's limits, where the held-out values came from). The held-out
     set's are read from ``cache`` when it holds them, else measured (and stored in it)."""
     held = cache.load() if cache is not None else None
@@ -114,6 +129,8 @@ def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout,
     retain_part = ""
     if cfg.eval_retain_ppl:
         retain_part = f", retain perplexity on {len(ppl_sample(retain, cfg))} of {len(retain)} sequences"
+    for name, seqs in (utility or {}).items():
+        retain_part += f", utility {name} perplexity on {len(ppl_sample(seqs, cfg))} of {len(seqs)} sequences"
     sets = [f"{set_name(k, len(tasks))} ({len(t)} sequences)" for k, t in enumerate(tasks)]
     if heldout is not None:
         sets.append(f"held-out set ({len(heldout)} sequences{', from the cache' if from_cache else ''})")
@@ -123,7 +140,8 @@ def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout,
         held = measure(model, heldout, cfg, phase="baseline: held-out set")
         if cache is not None:
             cache.store(held, len(heldout))
-    before = {"forget": forget, "heldout": held, "retain_ppl": retain_ppl(model, retain, cfg, phase="baseline:")}
+    before = {"forget": forget, "heldout": held, "retain_ppl": retain_ppl(model, retain, cfg, phase="baseline:"),
+              "utility_ppl": utility_ppl(model, utility, cfg, phase="baseline:")}  # fmt: skip
     source = None if cache is None else {"hit": from_cache, "file": str(cache.path)}
     limits = before["heldout"] if cfg.stop == "heldout" else {"ma": cfg.ma_threshold, "el": cfg.el_threshold}
     return before, {"stop": cfg.stop, "ma": limits["ma"], "el": limits["el"]}, source

@@ -39,14 +39,8 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
     sets = [(set_name(i, len(tasks)), seqs, True) for i, seqs in enumerate(tasks)]
     sets += [("retain set", retain, False), ("held-out set", heldout, True)]
     for name, seqs, scored in sets:  # scored: MA and EL are measured on it
-        if seqs is None:
-            continue
-        if not isinstance(seqs, SequenceSet):
-            raise TypeError(f"{name} must be a SequenceSet, got {type(seqs).__name__}")
-        if len(seqs) == 0 or n_targets(batch(seqs)) == 0:
-            raise ValueError(f"{name} is empty: it has {len(seqs)} sequences and no next-token target")
-        if scored:
-            seqs.check_el_length(name, cfg.el_n)
+        if seqs is not None:
+            _check_set(name, seqs, cfg.el_n if scored else None)
     if retain is None:
         for needs, why in (
             (cfg.retain_weight > 0, f"retain_weight={cfg.retain_weight} (set retain_weight=0 for no retain loss)"),
@@ -60,6 +54,30 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
     if heldout is not None and not cfg.allow_heldout_overlap:
         check_heldout_overlap(tasks, heldout)
     return tasks, retain, heldout
+
+
+def _check_set(name: str, seqs, el_n: int | None) -> None:
+    """TypeError / ValueError naming the set: not a SequenceSet, no next-token target, or (``el_n`` given) a
+    sequence too short for EL_n."""
+    if not isinstance(seqs, SequenceSet):
+        raise TypeError(f"{name} must be a SequenceSet, got {type(seqs).__name__}")
+    if len(seqs) == 0 or n_targets(batch(seqs)) == 0:
+        raise ValueError(f"{name} is empty: it has {len(seqs)} sequences and no next-token target")
+    if el_n is not None:
+        seqs.check_el_length(name, el_n)
+
+
+def utility_sets(data) -> dict[str, SequenceSet]:
+    """``data.utility`` checked ({} when there is none): {name: SequenceSet}, text never trained on whose
+    perplexity the run measures; TypeError / ValueError naming the set."""
+    utility = getattr(data, "utility", None) or {}
+    if not isinstance(utility, dict):
+        raise TypeError(f"data.utility must be a dict {{name: SequenceSet}}, got {type(utility).__name__}")
+    for name, seqs in utility.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"utility set names must be non-empty strings, got {name!r}")
+        _check_set(f"utility set {name}", seqs, None)
+    return dict(utility)
 
 
 # A held-out row "overlaps" the forget set(s) when it is identical to a forget row (its unpadded tokens), or
@@ -130,7 +148,7 @@ def check_heldout_overlap(tasks: list[SequenceSet], heldout: SequenceSet) -> Non
 
 
 def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet | None,
-                heldout: SequenceSet | None) -> None:  # fmt: skip
+                heldout: SequenceSet | None, utility: dict[str, SequenceSet] | None = None) -> None:  # fmt: skip
     """Before any compute: ValueError naming the first parameter with a NaN / inf value (a host sync per
     parameter, once per run), or the first set with a token id outside the model's input embedding rows."""
     for name, param in model.named_parameters():
@@ -141,6 +159,7 @@ def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet 
                 "is broken before unlearning; load a model with finite weights"
             )
     sets = [(set_name(k, len(tasks)), t) for k, t in enumerate(tasks)]
+    sets += [(f"utility set {name}", seqs) for name, seqs in (utility or {}).items()]
     for name, seqs in [*sets, ("retain set", retain), ("held-out set", heldout)]:
         if seqs is not None:
             check_token_ids(model, seqs.input_ids, name)
@@ -156,6 +175,19 @@ def fingerprint(sets: Sequence[SequenceSet | None]) -> str:
         for t in (None,) if seqs is None else (seqs.input_ids, seqs.attention_mask):
             digest.update(b"none" if t is None else repr(tuple(t.shape)).encode() + t.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def data_fingerprint(tasks: list[SequenceSet], retain: SequenceSet | None, heldout: SequenceSet | None,
+                     utility: dict[str, SequenceSet] | None = None) -> str:  # fmt: skip
+    """sha256 of a run's sets, which a resume must match: ``fingerprint`` of the forget, retain and held-out
+    sets, then each utility set's name and fingerprint (none: the three sets' fingerprint alone)."""
+    digest = fingerprint([*tasks, retain, heldout])
+    if not utility:
+        return digest
+    combined = hashlib.sha256(digest.encode())
+    for name in sorted(utility):
+        combined.update(b"\0utility\0" + name.encode() + b"\0" + fingerprint([utility[name]]).encode())
+    return combined.hexdigest()
 
 
 FINGERPRINT_FULL_BYTES = 256 * 2**20  # models up to this size hash every weight; larger ones a fixed sample

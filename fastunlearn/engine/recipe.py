@@ -28,7 +28,7 @@ from . import reference as npo_reference
 from .cache import HeldoutCache
 from .config import DTYPES, UnlearnConfig, UnlearnResult
 from .epoch import train_epoch
-from .inputs import check_data, check_model, fingerprint, set_name
+from .inputs import check_data, check_model, data_fingerprint, set_name, utility_sets
 from .outputs import export_models, write_documents
 from .params import enable_checkpointing, fisher_sample, setup_params
 
@@ -54,7 +54,7 @@ class Clock:
         return seconds
 
 
-def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, device) -> dict:
+def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, utility, device) -> dict:
     trainable, total, percent = trainable_parameters(model)
     return {
         "status": "running",
@@ -65,10 +65,12 @@ def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, device
             "retain": None if retain is None else len(retain),
             "heldout": None if heldout is None else len(heldout),
             "seq_len": tasks[0].seq_len,
-            "fingerprint": fingerprint([*tasks, retain, heldout]),
+            "utility": {name: len(seqs) for name, seqs in utility.items()} or None,
+            "fingerprint": data_fingerprint(tasks, retain, heldout, utility),
             # how many retain sequences the perplexity and FILA's retain Fisher use (seeded samples)
             "retain_ppl_sequences": len(evaluation.ppl_sample(retain, cfg)) if cfg.eval_retain_ppl else None,
             "fisher_retain_sequences": len(fisher_sample(retain, cfg)) if cfg.params == "fila" else None,
+            "utility_ppl_sequences": {name: len(evaluation.ppl_sample(s, cfg)) for name, s in utility.items()} or None,
         },
         "model": {
             "class": type(model).__name__,
@@ -89,12 +91,13 @@ def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, device
     }
 
 
-def check_resume(log: dict, cfg: UnlearnConfig, tasks, retain, heldout) -> None:
+def check_resume(log: dict, cfg: UnlearnConfig, tasks, retain, heldout, utility) -> None:
     if log["config"] != cfg.to_dict():
         diff = sorted(k for k in log["config"] if log["config"][k] != cfg.to_dict().get(k))
         raise ValueError(f"the checkpoint in out_dir was made with a different config (fields {diff}): cannot resume")
-    if log["data"]["fingerprint"] != fingerprint([*tasks, retain, heldout]):
-        raise ValueError("the checkpoint in out_dir was made with different data: cannot resume")
+    if log["data"]["fingerprint"] != data_fingerprint(tasks, retain, heldout, utility):
+        raise ValueError("the checkpoint in out_dir was made with different data (forget, retain, held-out or "
+                         "utility sets): cannot resume")  # fmt: skip
 
 
 class UnlearnRecipe:
@@ -108,6 +111,7 @@ class UnlearnRecipe:
         self.model, self.cfg, self.out = model, config, Path(out_dir)
         self.tokenizer, self.resume, self.on_epoch_end = tokenizer, resume, on_epoch_end
         self.tasks, self.retain, self.heldout = check_data(data, config)
+        self.utility = utility_sets(data)  # {name: text never trained on}; perplexity measured like the retain set's
         self.process = dist_utils.current()
         self.clock = Clock()
         self.log: dict | None = None
@@ -131,12 +135,14 @@ class UnlearnRecipe:
     def setup(self) -> None:
         cfg, model = self.cfg, self.model
         check_plotting()
-        check_model(model, self.tasks, self.retain, self.heldout)  # NaN weights, token ids: before any compute
+        check_model(
+            model, self.tasks, self.retain, self.heldout, self.utility
+        )  # NaN weights, token ids: before any compute
         prepared = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process, model)
         self.lock, self.fingerprint = prepared.lock, prepared.fingerprint  # rank 0's
         self.saved, self.log = prepared.saved, prepared.log
         if self.log is not None:
-            check_resume(self.log, cfg, self.tasks, self.retain, self.heldout)
+            check_resume(self.log, cfg, self.tasks, self.retain, self.heldout, self.utility)
             self.clock.before = self.log["timings"]["total_s"]
         self.was_training = model.training
         model.to(DTYPES[cfg.dtype])
@@ -157,11 +163,11 @@ class UnlearnRecipe:
         self.device = next(model.parameters()).device  # FSDP moves a CPU model to this rank's GPU as it shards
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in shards
         if self.saved is None:
-            self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.device)
+            self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.utility, self.device)
             self.lap("setup_s")
             cache = HeldoutCache(self.fingerprint, self.heldout, cfg, self.device) if cached else None
             self.log["baseline"], self.log["criterion"], self.log["baseline_cache"] = evaluation.baseline(
-                model, cfg, self.tasks, self.retain, self.heldout, cache
+                model, cfg, self.tasks, self.retain, self.heldout, cache, self.utility
             )
             self.lap("baseline_s")
             self.save_checkpoint(None)  # a resume skips the setup (FILA's Fisher) and the baseline
@@ -216,7 +222,8 @@ class UnlearnRecipe:
         phase += " evaluation:"
         metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it
         record.update(forget_ma=metrics["ma"], forget_el=metrics["el"],
-                      retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg, phase))  # fmt: skip
+                      retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg, phase),
+                      utility_ppl=evaluation.utility_ppl(self.model, self.utility, cfg, phase))  # fmt: skip
         record["criterion_met"] = evaluation.criterion_met(metrics, crit)
         record["eval_s"] = self.lap("eval_s")
         task["epochs"].append(record)
@@ -255,6 +262,7 @@ class UnlearnRecipe:
             "forget": [{**metrics, "met": evaluation.criterion_met(metrics, crit)} for metrics in after],
             "heldout": heldout,  # "el": None unless eval_heldout_el_after
             "retain_ppl": last["retain_ppl"],
+            "utility_ppl": last["utility_ppl"],
         }
         self.lap("eval_s")
         self.write_log()
