@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ._optional import missing
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -104,9 +106,7 @@ def _read_dataset(source: str, text_field: str, split: str, config: str | None, 
     try:
         import datasets
     except ImportError:
-        raise ImportError(
-            f"{role} {source!r} is not a .txt/.jsonl/.csv file; loading it as a dataset needs `pip install datasets`"
-        ) from None
+        raise missing("datasets", "engine", f"{role} {source!r} (not a .txt/.jsonl/.csv file: a dataset)") from None
     path = Path(source)
     if any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):  # a save_to_disk folder
         dataset = datasets.load_from_disk(str(path))

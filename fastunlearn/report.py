@@ -15,12 +15,13 @@ import math
 from pathlib import Path
 
 from ._atomic import atomic_write
+from ._optional import missing
 
 
 def check_plotting() -> None:
     """Raise before a run, not after it, if the plot cannot be drawn."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("the metrics plot (metrics.png) needs matplotlib: pip install matplotlib")
+        raise missing("matplotlib", "engine", "the metrics plot (metrics.png)")
 
 
 def non_finite_key(value: object, where: str = "") -> str | None:
