@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ._validate import check_number
 from .data import SequenceSet, UnlearningData, tokenize_sequences
 from .demo_data import FIRST_NAMES, make_records, person, train_tokenizer
 from .engine import UnlearnConfig, unlearn
@@ -96,9 +96,7 @@ class DemoConfig:
         if self.n_examples > self.n_forget:
             raise ValueError(f"n_examples must be <= n_forget ({self.n_forget}), got {self.n_examples}")
         for name in ("memorize_lr", "unlearn_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            check_number(name, getattr(self, name), 0, strict=True)
         self.out_dir = Path(self.out_dir)
         self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
 

@@ -19,7 +19,6 @@ module reuses:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import demo
+from ._validate import check_number
 from .demo_data import FIRST_NAMES, make_records
 from .engine.progress import log_to_terminal
 from .export import atomic_directory
@@ -70,9 +70,7 @@ class RealDemoConfig:
         if self.n_examples > self.n_forget:
             raise ValueError(f"n_examples must be <= n_forget ({self.n_forget}), got {self.n_examples}")
         for name in ("memorize_lr", "unlearn_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            check_number(name, getattr(self, name), 0, strict=True)
         if (
             isinstance(self.target_ma, bool)
             or not isinstance(self.target_ma, (int, float))
