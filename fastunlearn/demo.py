@@ -20,11 +20,9 @@ after, and greedy completions of a few forgotten people's names before and after
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,13 +31,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import demo_cache
+from ._atomic import atomic_directory
 from ._validate import check_number
 from .data import SequenceSet, UnlearningData, tokenize_sequences
+from .demo_cache import MANIFEST, cache_path, check_cache_root, load_cached, save_cache  # noqa: F401 - the demo API
 from .demo_data import FIRST_NAMES, make_records, person, train_tokenizer
 from .engine import UnlearnConfig, unlearn
-from .export import atomic_directory
 from .metrics import evaluate, memorization_accuracy, perplexity
-from .models import cache_root
 
 logger = logging.getLogger("fastunlearn.demo")  # memorization progress; shown where log_to_terminal() is on
 VOCAB_SIZE = 1024  # BPE tokens: whole names and words are single tokens
@@ -49,7 +48,6 @@ EL_N = 10
 MEMORIZED_MA = 1.0  # memorization stops once greedy decoding reproduces every training record
 CHECK_EVERY = 25  # memorization steps between two MA checks
 CACHE_FORMAT = 1  # bump when the cached files change meaning
-MANIFEST = "demo-cache.json"  # in a cache directory: config, memorization stats, file hashes
 MARKER = "demo.json"  # in an output directory: what makes it a previous demo output
 DEMO_OUTPUTS = {MARKER, "report.md", "metrics.png", "log.json", "adapter", "merged"}
 SETS = ("forget", "retain", "heldout")
@@ -183,59 +181,6 @@ def memorize(cfg: DemoConfig, data: UnlearningData, tokenizer) -> tuple[torch.nn
     return model.eval(), stats
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The cache of the memorized model
-# ---------------------------------------------------------------------------------------------------------
-def cache_path(cfg: DemoConfig, records: dict[str, list[str]]) -> Path:
-    """``<root>/demo-<hash of the memorization settings and the records>``; root: ``cfg.cache_dir``, else
-    ``$FASTUNLEARN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastunlearn`` (``~/.cache/fastunlearn``)."""
-    root = cache_root(cfg.cache_dir)
-    key = json.dumps({"settings": cfg.memorization_settings(), "records": records}, sort_keys=True)
-    return root / f"demo-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _file_hashes(directory: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.name != MANIFEST
-    }
-
-
-def load_cached(path: Path, cfg: DemoConfig) -> tuple[torch.nn.Module, object, dict]:
-    """(model in eval mode, tokenizer, memorization stats) from a cache directory; ValueError if its manifest
-    is missing, made for other settings, or its files are not exactly the ones it lists."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # the real demo caches a Llama
-
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest["settings"] != cfg.memorization_settings():
-        raise ValueError("it was made with other settings")
-    if _file_hashes(path) != manifest["files"]:
-        raise ValueError("its files differ from the ones its manifest lists")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model.eval(), PreTrainedTokenizerFast.from_pretrained(path), manifest["memorization"]
-
-
-def save_cache(path: Path, cfg: DemoConfig, model: torch.nn.Module, tokenizer, stats: dict) -> None:
-    """Model, tokenizer, then the manifest, in a temporary directory renamed to ``path`` (replacing a bad one)."""
-    with atomic_directory(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        manifest = {"settings": cfg.memorization_settings(), "memorization": stats, "files": _file_hashes(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def check_cache_root(root: Path) -> None:
-    """ValueError naming the cache root unless a file can be created in it (made if missing)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as exc:
-        raise ValueError(
-            f"--cache-dir {root}: cannot write the demo's model cache there ({exc.strerror}); choose another with "
-            "--cache-dir or $FASTUNLEARN_CACHE_DIR"
-        ) from None
-
-
 def memorize_fresh(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[torch.nn.Module, object, dict]:
     """(a new GPT-Neo trained until it reproduces the records, the demo's BPE tokenizer, memorization stats)."""
     tokenizer = train_tokenizer(cfg.seed, VOCAB_SIZE)
@@ -245,19 +190,9 @@ def memorize_fresh(cfg: DemoConfig, records: dict[str, list[str]]) -> tuple[torc
 
 def memorized_model(cfg, records: dict[str, list[str]],
                     make: Callable = memorize_fresh) -> tuple[torch.nn.Module, object, dict]:  # fmt: skip
-    """(model, tokenizer, stats with "cache" and "cached") from the cache, else ``make(cfg, records)`` and cached.
-    ``cfg``: a DemoConfig or anything with its ``cache_dir`` and ``memorization_settings()``."""
-    path = cache_path(cfg, records)
-    if path.exists():
-        try:
-            model, tokenizer, stats = load_cached(path, cfg)
-            return model, tokenizer, {**stats, "cache": str(path), "cached": True}
-        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, rebuilding fixes it
-            print(f"The cache {path} is unusable ({type(exc).__name__}: {exc}); memorizing again.")
-    check_cache_root(path.parent)  # before the tokenizer and the training, not after
-    model, tokenizer, stats = make(cfg, records)
-    save_cache(path, cfg, model, tokenizer, stats)
-    return model, tokenizer, {**stats, "cache": str(path), "cached": False}
+    """(model, tokenizer, stats) of the demo: from the cache, else ``make(cfg, records)``, then cached
+    (:func:`fastunlearn.demo_cache.memorized_model`)."""
+    return demo_cache.memorized_model(cfg, records, make)
 
 
 # ---------------------------------------------------------------------------------------------------------
