@@ -102,7 +102,9 @@ def _read_file(path: Path, suffix: str, text_field: str, role: str) -> list[str]
         raise ValueError(f"{role} file {path} cannot be read: {err.strerror}") from None
 
 
-def _read_dataset(source: str, text_field: str, split: str, config: str | None, role: str) -> list[str]:
+def _load_dataset(source: str, split: str, config: str | None, role: str):
+    """A ``datasets.Dataset``: a ``save_to_disk`` folder (its ``split`` if it holds several), a local data folder
+    or a Hub name (HF_HUB_OFFLINE=1 restricts the latter to the local cache)."""
     try:
         import datasets
     except ImportError:
@@ -114,8 +116,12 @@ def _read_dataset(source: str, text_field: str, split: str, config: str | None, 
             if split not in dataset:
                 raise ValueError(f"{role} dataset {source} has no split {split!r}; available: {', '.join(dataset)}")
             dataset = dataset[split]
-    else:  # a local data folder or a Hub name; HF_HUB_OFFLINE=1 restricts the latter to the local cache
-        dataset = datasets.load_dataset(str(source), config, split=split)
+        return dataset
+    return datasets.load_dataset(str(source), config, split=split)
+
+
+def _read_dataset(source: str, text_field: str, split: str, config: str | None, role: str) -> list[str]:
+    dataset = _load_dataset(source, split, config, role)
     if text_field not in dataset.column_names:
         raise ValueError(
             f"{role} dataset {source} has no column {text_field!r}; available: {', '.join(dataset.column_names)}"
@@ -125,6 +131,12 @@ def _read_dataset(source: str, text_field: str, split: str, config: str | None, 
         if not isinstance(text, str):
             raise ValueError(f"{role} dataset {source} row {index} {text_field!r} is {text!r:.40}, not a string")
     return texts
+
+
+def _read_dataset_records(source: str, split: str, role: str) -> list[tuple[str, dict]]:
+    """(where, row as a dict) for every row of a dataset (``_load_dataset``)."""
+    dataset = _load_dataset(source, split, None, role)
+    return [(f"{role} dataset {source} row {i}", dict(row)) for i, row in enumerate(dataset)]
 
 
 def load_texts(
@@ -184,11 +196,15 @@ def load_texts(
 class SequenceSet:
     """Token sequences of one set: ``input_ids`` and ``attention_mask`` (N, L) int64, padding on the right
     with mask 0; ``source_index`` (N,) int64, the text each row starts in (the position in the loaded list).
+
+    ``labels`` (N, L) int64 or None: Hugging Face-style targets aligned with ``input_ids``, -100 where no loss or
+    metric counts (the prompt of a question/answer pair, ``fastunlearn.qa``). None: every real token counts.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     source_index: Tensor
+    labels: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
@@ -198,6 +214,9 @@ class SequenceSet:
             raise ValueError(f"attention_mask has shape {tuple(self.attention_mask.shape)} but input_ids has {shape}")
         if tuple(self.source_index.shape) != shape[:1]:
             raise ValueError(f"source_index has shape {tuple(self.source_index.shape)} but input_ids has {shape}")
+        if self.labels is not None and (tuple(self.labels.shape) != shape or self.labels.dtype != torch.int64):
+            raise ValueError(f"labels must be int64 of shape {shape} like input_ids, got {self.labels.dtype} "
+                             f"of shape {tuple(self.labels.shape)}")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -206,7 +225,15 @@ class SequenceSet:
         """The rows ``index`` selects (an int, slice, index list or tensor) as a new set."""
         if isinstance(index, int):
             index = [index]
-        return SequenceSet(self.input_ids[index], self.attention_mask[index], self.source_index[index])
+        labels = None if self.labels is None else self.labels[index]
+        return SequenceSet(self.input_ids[index], self.attention_mask[index], self.source_index[index], labels)
+
+    def batch(self, index=slice(None)) -> dict[str, Tensor]:
+        """``{"input_ids", "attention_mask"[, "labels"]}`` of the rows ``index`` selects (for ``model(**batch)``)."""
+        out = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
+        if self.labels is not None:
+            out["labels"] = self.labels[index]
+        return out
 
     @property
     def seq_len(self) -> int:
@@ -371,7 +398,7 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
-    """One pass over ``seqs`` in batches ``{"input_ids", "attention_mask"}`` (ready for ``model(**batch)``).
+    """One pass over ``seqs`` in batches ``{"input_ids", "attention_mask"[, "labels"]}`` (``SequenceSet.batch``).
 
     ``shuffle`` draws the order from ``generator`` (the global RNG when None): a generator seeded the same
     way gives the same batches. ``drop_last`` drops a final batch smaller than ``batch_size``.
@@ -381,4 +408,4 @@ def iterate_batches(
     order = torch.randperm(len(seqs), generator=generator) if shuffle else torch.arange(len(seqs))
     stop = len(seqs) - len(seqs) % batch_size if drop_last else len(seqs)
     chunks = (order[start : start + batch_size] for start in range(0, stop, batch_size))
-    return ({"input_ids": seqs.input_ids[i], "attention_mask": seqs.attention_mask[i]} for i in chunks)
+    return (seqs.batch(i) for i in chunks)
