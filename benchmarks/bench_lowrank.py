@@ -170,7 +170,7 @@ def test_targets(results, device, set_name):
         "fastest_setting_at_no_more_error": fastest,
         "its_speedup": None if fastest is None else loop["median_s"] / timed[fastest]["median_s"],
     }  # fmt: skip
-    write_summary("lowrank", summary)
+    write_summary(f"lowrank-{set_name}", summary)
     assert ours["error_rss"] <= loop["error_rss"], summary
     if device.type == "cuda":
         assert summary["speedup_vs_svd_lowrank_loop"] >= 5.0, summary
