@@ -57,7 +57,7 @@ if ! timeout 240 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/
   FASTUNLEARN_SKIP_CSRC_BUILD=1 timeout 60 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
 fi
 step import 30 $PY -c 'import fastunlearn as f; print("csrc", f.has_csrc(), "triton", f.has_triton())'
-step cuda-tests 120 pytest_to tests_cuda.log tests/test_cuda.py tests/test_logprob.py tests/test_validation.py -k cuda
+step cuda-tests 120 pytest_to tests_cuda.log tests/test_cuda.py tests/test_logprob.py tests/test_validation.py -k "cuda or device_mismatch"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$gpus" -ge 2 ]; then  # DDP / FSDP2 / Fisher / FILA over NCCL, two processes against one (appended)
   FASTUNLEARN_TEST_DIST_DEVICE=cuda step two-gpus 120 pytest_to tests_cuda.log tests/test_distributed.py

@@ -176,7 +176,7 @@ def test_fused_linear_logprob_triton_matches_float64(dtype):
 @pytest.mark.parametrize("op", ["ihl", "logprob"])
 def test_fused_linear_bf16_weight_gradient_accumulates_in_float32(op):
     """grad_W = sum over chunks of dz_cᵀ h_c: accumulated in float32 (addmm), 1024 one-row chunks give the
-    one-chunk result up to the final bf16 rounding; a bf16 running sum would drift by ~sqrt(1024) ulps.
+    one-chunk result up to the final bf16 rounding; a bf16 running sum drifts by several ulps.
     h in {-1, 0, 1} and w in {-2, ..., 2} / 8 make every logit exact in bf16 whatever the GEMM's order, so
     both chunkings see the same logits and only the accumulation differs."""
     gen = torch.Generator().manual_seed(4)
@@ -191,4 +191,5 @@ def test_fused_linear_bf16_weight_gradient_accumulates_in_float32(op):
         grads.append(ww.grad.float())
     scale = grads[1].abs().max().item()
     assert scale > 0
-    assert_close_verbose(grads[0], grads[1], 2**-7 * scale, 2**-6, "grad weight, 1-row chunks vs one chunk")
+    # within one bf16 ulp (the final rounding); a bf16 running sum fails this (checked on CPU by simulation)
+    assert_close_verbose(grads[0], grads[1], 2**-12 * scale, 2**-7, "grad weight, 1-row chunks vs one chunk")
