@@ -12,7 +12,7 @@
 # that would start with under 15 s left is skipped and reported; each step runs even if an earlier one failed;
 # the exit status is non-zero if any step failed or was skipped):
 #   env + build (C++ extension, ninja)              ~1.5 min
-#   cuda-tests: tests/test_cuda.py + the CUDA tests in test_logprob / test_validation (-k cuda)     ~1 min
+#   cuda-tests: tests/test_cuda.py + the CUDA tests of test_logprob / test_validation                ~1 min
 #   bench-ihl: fastunlearn + eager at the three shapes, test_targets_cuda (copy timed in the same run) ~40 s
 #   bench-fisher: Triton / torch / loop / vmap, peak extra CUDA memory, targets     ~30 s
 #   real-shape: benchmarks/gpu_real_shape.py (SmolLM2-135M shape, RANDOM weights)   ~1 min

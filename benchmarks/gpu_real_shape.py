@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     for name in ("batch", "seq", "repeats"):
-        if getattr(args, name) < (2 if name == "seq" else 1):
-            parser.error(f"--{name} is too small: {getattr(args, name)}")
+        if getattr(args, name) < (11 if name == "seq" else 1):  # EL_10 needs n + 1 tokens
+            parser.error(f"--{name} is too small: {getattr(args, name)} (--seq >= 11, the others >= 1)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = LlamaConfig(**(TINY if args.tiny else SMOLLM2_135M))
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
         el_s = seconds(lambda: values.setdefault("el", extraction_likelihood(model, forget["input_ids"], 10)), device)
     report["el10"] = {"seconds": el_s, "warmup_2_sequences_s": warm, "mean": float(values["el"].mean())}
     text = json.dumps(report, indent=1)
-    print(text)
-    if args.out is not None:
+    if args.out is not None:  # first: a closed stdout must not lose the file
         atomic_write(args.out, text + "\n")
+    print(text)
     return report
 
 
