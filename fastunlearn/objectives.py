@@ -356,6 +356,7 @@ def retain_term(*, fused: bool = False) -> ForgetTerm:
     (``logprob=True``), so the retain batches do not build the (B, T, V) logits either."""
     if fused:
         return lambda model, batch: -token_logprobs(model, batch, fused=True)[0].sum()
+
     def term(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         logits = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, use_cache=False).logits  # no HF loss
         return retain_loss(*shift_causal(logits, **batch), reduction="sum")  # labels (QA) here, not in the model
