@@ -67,7 +67,7 @@ class FinetuneConfig:
     schedule: str = "linear"  # after warmup: "linear" decay to 0 at the last step, or "constant"
     max_grad_norm: float | None = 1.0  # clip the gradient's 2-norm; None: no clipping
     seed: int = 0  # data order (and dropout)
-    dtype: str = "float32"  # model and training dtype, "float32" or "bfloat16" (bf16 weights lose small updates)
+    dtype: str | None = None  # cast the model to "float32" or "bfloat16" (bf16 weights lose small updates); None: keep
     gradient_checkpointing: bool = False  # recompute activations in backward (transformers models)
 
     def __post_init__(self) -> None:
@@ -87,7 +87,7 @@ class FinetuneConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(float(b) for b in betas)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("dtype", self.dtype, tuple(DTYPES))
+        check_choice("dtype", self.dtype, (None, *DTYPES))
         check_bool("gradient_checkpointing", self.gradient_checkpointing)
 
     def to_dict(self) -> dict:
@@ -256,7 +256,8 @@ def _run(model, data, cfg: FinetuneConfig, out: Path, tokenizer, prepared, on_ep
     else:
         log = _new_log(model, data, cfg, steps, warmup)
     before = log["seconds"]
-    model.to(DTYPES[cfg.dtype])
+    if cfg.dtype is not None:
+        model.to(DTYPES[cfg.dtype])
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # data order
