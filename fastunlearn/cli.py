@@ -32,7 +32,7 @@ EXAMPLES = """examples:
 """
 
 EXIT_STATUS = """exit status:
-  0    forgotten (unlearn, demo: the criterion was met); done (eval, info)
+  0    forgotten (unlearn, demo: the criterion was met); done (finetune, eval, info)
   1    not forgotten: the run finished without meeting the criterion (its report says why)
   2    usage or input error: a bad option, a missing or unreadable file, a model or data that cannot be used
   3    runtime failure (a bug, a full disk): the traceback is in OUT/.fastunlearn/error.log once unlearn has

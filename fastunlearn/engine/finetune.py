@@ -119,7 +119,8 @@ def learning_rate(step: int, total: int, warmup: int, cfg: FinetuneConfig) -> fl
 def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
              micro_batch_size: int, device, max_grad_norm: float | None = None) -> dict:  # fmt: skip
     """One AdamW update on ``batch`` ({"input_ids", "attention_mask"[, "labels"]}, (B, T)): the mean next-token
-    cross-entropy over the batch's targets, accumulated over micro-batches of ``micro_batch_size`` rows.
+    cross-entropy over the batch's targets, accumulated over micro-batches of ``micro_batch_size`` rows (each cut
+    after its last real token: right padding costs no compute).
     Returns {"loss": that mean before the update (float), "grad_norm" (before clipping), "targets"}; no update
     (``"updated": False``) when the loss or gradient is not finite."""
     term = retain_term()  # summed over a micro-batch's next-token targets
@@ -131,7 +132,10 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str
     total = torch.zeros((), dtype=torch.float64, device=device)
     rows = len(batch["input_ids"])
     for start in range(0, rows, micro_batch_size):
-        micro = {k: v[start : start + micro_batch_size].to(device) for k, v in batch.items()}
+        micro = {k: v[start : start + micro_batch_size] for k, v in batch.items()}
+        real = micro["attention_mask"].any(0).nonzero()  # columns with a real token in some row
+        width = max(int(real.max()) + 1 if len(real) else 0, 2)  # drop trailing padding only (causal: the kept
+        micro = {k: v[:, :width].to(device) for k, v in micro.items()}  # positions' logits are unchanged)
         loss_sum = term(model, micro)  # (): summed cross-entropy of this micro-batch's targets
         (loss_sum / n).backward()
         total += loss_sum.detach().double()
