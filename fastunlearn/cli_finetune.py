@@ -66,7 +66,7 @@ def load_data(args: argparse.Namespace, tokenizer):
 
 def run(args: argparse.Namespace) -> int:
     from .cli import _load_model
-    from .engine.finetune import FinetuneConfig, finetune
+    from .engine.finetune import FinetuneConfig, finetune, fmt_loss
     from .engine.progress import log_to_terminal
 
     config = FinetuneConfig(
@@ -79,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model, args.dtype)
     data = load_data(args, tokenizer)
     result = finetune(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
-    print(f"fine-tuned: {len(result.log['steps'])} steps, final epoch loss {result.log['epochs'][-1]['loss']:.4f}; "
-          f"model in {result.model_dir}")  # fmt: skip
+    last = fmt_loss(result.log["epochs"][-1]["loss"])
+    print(f"fine-tuned: {len(result.log['steps'])} steps, final epoch loss {last}; model in {result.model_dir}")
     return 0

@@ -266,3 +266,12 @@ def test_cli_text_interrupt_resume_and_errors(workspace, capsys, monkeypatch):
     assert run_cli(workspace, workspace / "x", *args, "--micro-batch-size", "0") == 2
     assert "micro_batch_size" in capsys.readouterr().err
     assert not (workspace / "x").exists()
+
+
+def test_a_non_finite_loss_skips_the_update_and_the_log_stays_json(tmp_path):
+    model = tiny_model("gpt_neo")
+    with torch.no_grad():
+        model.transformer.wte.weight[5:] = float("nan")  # every row has a token >= 5 before its answer
+    log = finetune(model, qa_rows(), FinetuneConfig(epochs=1, batch_size=5), tmp_path / "out").log
+    assert [s["updated"] for s in log["steps"]] == [False, False] and log["steps"][0]["loss"] is None
+    assert log["epochs"][0]["loss"] is None and json.loads((tmp_path / "out" / "log.json").read_text())["epochs"]

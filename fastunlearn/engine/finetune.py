@@ -44,6 +44,7 @@ from ..objectives import count_targets, retain_term
 from ..report import write_json
 from . import checkpoint, outdir, progress
 from .config import DTYPES
+from .evaluation import finite
 from .inputs import fingerprint
 from .params import enable_checkpointing
 
@@ -99,6 +100,10 @@ class FinetuneResult:
     model: nn.Module  # trained in place, in eval mode
     log: dict
     model_dir: Path  # OUT/model: the transformers checkpoint
+
+
+def fmt_loss(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
 
 
 def steps_per_epoch(n_rows: int, cfg: FinetuneConfig) -> int:
@@ -167,7 +172,7 @@ def data_fingerprint(data: SequenceSet) -> str:
                                           torch.zeros(1, dtype=torch.int64))])  # fmt: skip
 
 
-def _check_inputs(model, data, config, tokenizer) -> None:
+def _check_inputs(model, data, config) -> None:
     if not isinstance(config, FinetuneConfig):
         raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     if not isinstance(data, SequenceSet):
@@ -222,8 +227,8 @@ def _check_resume(log: dict, data: SequenceSet, cfg: FinetuneConfig) -> None:
 def finetune(
     model: nn.Module,
     data: SequenceSet,
-    config: FinetuneConfig | None = None,
-    out_dir: str | Path = "finetuned",
+    config: FinetuneConfig,
+    out_dir: str | Path,
     *,
     tokenizer=None,
     resume: bool = True,
@@ -237,8 +242,8 @@ def finetune(
     (``outdir.OutDirError``, ``checkpoint.CheckpointError``) before any compute. ``on_epoch_end(epoch,
     record)`` runs after each epoch's checkpoint is written (epoch 1-based).
     """
-    cfg = FinetuneConfig() if config is None else config
-    _check_inputs(model, data, cfg, tokenizer)
+    cfg = config
+    _check_inputs(model, data, cfg)
     out = Path(out_dir)
     process = dist_utils.current()
     prepared = checkpoint.prepare_out_dir_on_all_ranks(out, resume, process, model)
@@ -283,14 +288,18 @@ def _run(model, data, cfg: FinetuneConfig, out: Path, tokenizer, prepared, on_ep
             for group in optimizer.param_groups:
                 group["lr"] = lr
             record = sft_step(model, optimizer, batch, cfg.micro_batch_size, device, cfg.max_grad_norm)
+            if record["updated"]:
+                weighted, targets = weighted + record["loss"] * record["targets"], targets + record["targets"]
+            record.update(loss=finite(record["loss"]), grad_norm=finite(record["grad_norm"]))  # JSON: None if not
             log["steps"].append({"step": step, "epoch": epoch, "lr": lr, **record})
-            weighted, targets = weighted + record["loss"] * record["targets"], targets + record["targets"]
             bar.step()
         seconds = time.perf_counter() - epoch_start
-        summary = {"epoch": epoch, "loss": weighted / targets, "seconds": seconds}
+        summary = {"epoch": epoch, "loss": weighted / targets if targets else None, "seconds": seconds}
         log["epochs"].append(summary)
         log["seconds"] = before + time.perf_counter() - start
-        progress.info("finetune: epoch %d/%d, loss %.4f, %.0f s", epoch, cfg.epochs, summary["loss"], seconds)
+        skipped = sum(not s["updated"] for s in log["steps"] if s["epoch"] == epoch)
+        progress.info("finetune: epoch %d/%d, loss %s, %.0f s%s", epoch, cfg.epochs, fmt_loss(summary["loss"]), seconds,
+                      f", {skipped} updates skipped (loss or gradient not finite)" if skipped else "")  # fmt: skip
         checkpoint.save_checkpoint(out, model, optimizer, generator, log, prepared.fingerprint)
         write_json(out / "log.json", log)  # after the checkpoint: a log.json in OUT means there is one to resume
         if on_epoch_end is not None:
@@ -306,6 +315,6 @@ def _run(model, data, cfg: FinetuneConfig, out: Path, tokenizer, prepared, on_ep
     write_json(out / "log.json", log)
     checkpoint.remove_checkpoints(out)
     outdir.remove_private(out)
-    progress.info("finetune: done, %d steps, final epoch loss %.4f; model in %s", total, log["epochs"][-1]["loss"],
-                  out / MODEL_DIR)  # fmt: skip
+    last = fmt_loss(log["epochs"][-1]["loss"])
+    progress.info("finetune: done, %d steps, final epoch loss %s; model in %s", total, last, out / MODEL_DIR)
     return FinetuneResult(model, log, out / MODEL_DIR)
