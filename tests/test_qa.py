@@ -118,7 +118,7 @@ def test_chat_template_puts_the_generation_prompt_in_the_prompt():
 
 def test_a_pair_longer_than_seq_len_is_an_error_naming_it():
     tok = make_tokenizer()
-    with pytest.raises(ValueError, match=r"forget set pair 1 has 8 tokens with its prompt, more than seq_len=7"):
+    with pytest.raises(ValueError, match=r"forget set pair 0 has 8 tokens with its prompt, more than seq_len=7"):
         tokenize_qa(load_qa(PAIRS), tok, seq_len=7, role="forget set")
     with pytest.raises(ValueError, match=r"seq_len must be an int >= 2"):
         tokenize_qa(load_qa(PAIRS), tok, seq_len=1)
@@ -131,8 +131,10 @@ def test_load_qa_data_names_each_set_and_keeps_utility_text(tmp_path):
     (tmp_path / "forget.json").write_text(json.dumps(PAIRS))
     (tmp_path / "retain.jsonl").write_text("\n".join(json.dumps(p) for p in PAIRS[::-1]))
     (tmp_path / "wiki.txt").write_text("he wrote a book\nshe did it\n")
-    data = load_qa_data(tok, tmp_path / "forget.json", tmp_path / "retain.jsonl", utility={"wiki": tmp_path / "wiki.txt"},
-                        utility_seq_len=4)  # fmt: skip
+    data = load_qa_data(
+        tok, tmp_path / "forget.json", tmp_path / "retain.jsonl", utility={"wiki": tmp_path / "wiki.txt"},
+        utility_seq_len=4,
+    )  # fmt: skip
     assert data.forget.labels is not None and data.retain.labels is not None and data.heldout is None
     assert torch.equal(data.retain.input_ids[1, : data.forget.seq_len], data.forget.input_ids[0])
     assert data.utility["wiki"].labels is None and data.utility["wiki"].seq_len == 4
