@@ -141,3 +141,41 @@ def test_load_qa_data_names_each_set_and_keeps_utility_text(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"question": "why"}]))
     with pytest.raises(ValueError, match=r"heldout set file .*bad.json record 0 has no non-empty string field"):
         load_qa_data(tok, tmp_path / "forget.json", heldout=tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastunlearn unlearn --qa
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_unlearn_qa(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    from fastunlearn import cli
+
+    tok = make_tokenizer()
+    tiny_model("gpt_neo").save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    words = WORDS[2:10]
+    for name, n, seed in (("forget", 4, 1), ("retain", 6, 2), ("heldout", 4, 3)):
+        rng = torch.Generator().manual_seed(seed)
+
+        def text(k: int, rng=rng) -> str:
+            return " ".join(words[int(i)] for i in torch.randint(0, len(words), (k,), generator=rng))
+
+        rows = [{"question": text(3), "answer": text(12)} for _ in range(n)]  # EL_10 needs 10-token answers
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    files = [f"--{name}={tmp_path / name}.jsonl" for name in ("forget", "retain", "heldout")]
+    common = ["unlearn", "--model", str(tmp_path / "model"), *files, "--params", "lora", "--rank", "2"]
+    code = cli.main([*common, "--qa", "--template", "plain", "--max-epochs", "1", "--out", str(tmp_path / "run")])
+    assert code in (0, 1), capsys.readouterr().err
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["data"]["seq_len"] == 3 + 2 + 12 + 1  # the longest pair: prompt (no BOS), answer, eos
+    expected = load_qa_data(tok, *(tmp_path / f"{n}.jsonl" for n in ("forget", "retain", "heldout")), template="plain")
+    from fastunlearn.engine.inputs import data_fingerprint
+
+    assert log["data"]["fingerprint"] == data_fingerprint([expected.forget], expected.retain, expected.heldout)
+    for args, message in (
+        ([*common, "--template", "plain"], "--template formats question/answer pairs: it needs --qa"),
+        ([*common, "--qa", "--template", "chat"], "template='chat' but the tokenizer has no chat template"),
+    ):
+        assert cli.main([*args, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
