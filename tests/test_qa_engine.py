@@ -344,3 +344,11 @@ def test_heldout_overlap_is_judged_on_the_answers(memorized, tmp_path):
     result = run(memorized, tmp_path / "ok", UnlearningData(forget, data.retain, fresh), params="lora", max_epochs=1,
                  **NEVER)  # fmt: skip
     assert result.log["data"]["heldout"] == 4
+
+
+def test_labels_outside_the_vocabulary_are_refused_before_any_compute(memorized, tmp_path):
+    base, data = memorized
+    bad = copy.deepcopy(data)
+    bad.retain.labels[2, 9] = DEMO.vocab_size  # no such token
+    with pytest.raises(ValueError, match=r"retain set labels has token id 32"):
+        run(memorized, tmp_path / "bad", bad, params="lora")

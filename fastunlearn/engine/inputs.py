@@ -156,7 +156,8 @@ def check_heldout_overlap(tasks: list[SequenceSet], heldout: SequenceSet) -> Non
 def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet | None,
                 heldout: SequenceSet | None, utility: dict[str, SequenceSet] | None = None) -> None:  # fmt: skip
     """Before any compute: ValueError naming the first parameter with a NaN / inf value (a host sync per
-    parameter, once per run), or the first set with a token id outside the model's input embedding rows."""
+    parameter, once per run), or the first set with a token id (or label other than -100) outside the model's
+    input embedding rows."""
     for name, param in model.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
             n_nan, n_inf = int(torch.isnan(param).sum()), int(torch.isinf(param).sum())
@@ -169,6 +170,8 @@ def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet 
     for name, seqs in [*sets, ("retain set", retain), ("held-out set", heldout)]:
         if seqs is not None:
             check_token_ids(model, seqs.input_ids, name)
+            if seqs.labels is not None:  # -100 (not scored) or a token id
+                check_token_ids(model, seqs.labels[seqs.labels != -100], f"{name} labels")
 
 
 def batch(seqs: SequenceSet) -> dict[str, torch.Tensor]:
