@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
 from fastunlearn.qa import QAPair, encode_qa
 from fastunlearn.tofu import (
@@ -29,7 +30,6 @@ from fastunlearn.tofu import (
     truth_ratio,
     truth_ratio_values,
 )
-from tests.tiny_models import VOCAB, tiny_model
 
 pytest.importorskip("scipy")
 pytest.importorskip("rouge_score")
@@ -190,7 +190,7 @@ def test_greedy_answers_batched_equal_one_by_one_without_the_prompt(model, tok):
     assert any(batched)  # something was generated
 
 
-def tiny_sets(n: int = 6) -> dict[str, list[QAPair]]:
+def tiny_sets(n: int = 5) -> dict[str, list[QAPair]]:
     return {"forget": make_pairs(n, 10, k=3), "retain": make_pairs(n, 11, k=3),
             "real_authors": make_pairs(n, 12, k=2, paraphrase=False),
             "world_facts": make_pairs(n, 13, k=2, paraphrase=False)}  # fmt: skip
@@ -198,15 +198,15 @@ def tiny_sets(n: int = 6) -> dict[str, list[QAPair]]:
 
 def test_evaluate_tofu_end_to_end(model, tok, tmp_path):
     sets = tiny_sets()
-    retain = evaluate_tofu(tiny_model("gpt_neo", seed=1), tok, sets, max_questions=4, batch_size=3, template="plain")
-    assert retain["forget_quality"] is None and len(retain["forget"]["values"]["truth_ratio_s"]) == 4
+    retain = evaluate_tofu(tiny_model("gpt_neo", seed=1), tok, sets, max_questions=3, batch_size=2, template="plain")
+    assert retain["forget_quality"] is None and len(retain["forget"]["values"]["truth_ratio_s"]) == 3
     save_result(retain, tmp_path / "retain.json")
-    result = evaluate_tofu(model, tok, sets, retain_reference=tmp_path / "retain.json", max_questions=4,
-                           batch_size=3, template="plain")  # fmt: skip
+    result = evaluate_tofu(model, tok, sets, retain_reference=tmp_path / "retain.json", max_questions=3,
+                           batch_size=2, template="plain")  # fmt: skip
     assert result["retain"]["indices"] == retain["retain"]["indices"]  # the same seeded sample
     for name, pairs in sets.items():
         row, chosen = result[name], [pairs[i] for i in result[name]["indices"]]
-        assert row["n"] == 4 and len(set(row["indices"])) == 4
+        assert row["n"] == 3 and len(set(row["indices"])) == 3
         nll = answer_nll(model, tok, [p.question for p in chosen], [p.answer for p in chosen], template="plain")
         np.testing.assert_allclose(row["values"]["answer_nll"], nll, atol=1e-6)
         base = [p.paraphrased_answer or p.answer for p in chosen]
@@ -221,7 +221,7 @@ def test_evaluate_tofu_end_to_end(model, tok, tmp_path):
     assert result["forget_quality"] == pytest.approx(want, rel=1e-12)
     json.dumps(result)  # JSON-ready
     table = format_table(result, "forget01")
-    assert "forget01 (4 q)" in table and "model utility" in table and "forget quality" in table
+    assert "forget01 (3 q)" in table and "model utility" in table and "forget quality" in table
 
 
 def test_evaluate_tofu_rejects_bad_sets_and_references(model, tok):
