@@ -19,7 +19,7 @@ from .._validate import check_int
 from ..metrics._common import progress
 from ..qa import QAPair, encode_qa, load_qa, resolve_template
 from . import stats
-from .scoring import answer_nll, batches_for, candidates_nll, greedy_answers, rouge_l_recall
+from .scoring import batches_for, candidates_nll, greedy_answers, rouge_l_recall
 
 logger = logging.getLogger("fastunlearn.tofu")
 
@@ -97,10 +97,10 @@ def _evaluate_set(model, tokenizer, name, pairs, *, template, batch_size, max_ne
     """One set's numbers and per-question values (JSON types)."""
     questions, answers = [p.question for p in pairs], [p.answer for p in pairs]
     kw = {"template": template, "batch_size": batch_size, "tick": tick}
-    answer = answer_nll(model, tokenizer, questions, answers, **kw)  # (N,)
-    base = answer_nll(model, tokenizer, questions, [p.paraphrased_answer for p in pairs], **kw) \
-        if name in PARAPHRASED else answer  # fmt: skip
-    perturbed = candidates_nll(model, tokenizer, questions, [p.perturbed_answers for p in pairs], **kw)  # (N, K)
+    extra = 1 + (name in PARAPHRASED)  # the answer, and the paraphrase when it is the truth ratio's base
+    candidates = [(p.answer, p.paraphrased_answer)[:extra] + p.perturbed_answers for p in pairs]
+    nll = candidates_nll(model, tokenizer, questions, candidates, **kw)  # (N, extra + K): one prompt forward each
+    answer, base, perturbed = nll[:, 0], nll[:, extra - 1], nll[:, extra:]  # (N,), (N,), (N, K)
     s = stats.truth_ratio_values(base, perturbed)  # (N,)
     generated = greedy_answers(model, tokenizer, questions, answers, max_new_tokens=max_new_tokens, **kw)
     rouge = rouge_l_recall(generated, answers)  # (N,)
@@ -159,11 +159,7 @@ def evaluate_tofu(
 
     chosen = {name: sample_indices(name, len(pairs), max_questions, seed) for name, pairs in sets.items()}
     picked = {name: [sets[name][i] for i in idx] for name, idx in chosen.items()}
-    total = sum(
-        batches_for(len(p), batch_size) * (2 + (name in PARAPHRASED))
-        + batches_for(len(p) * len(p[0].perturbed_answers), batch_size)
-        for name, p in picked.items()
-    )  # fmt: skip
+    total = sum(len(p) + batches_for(len(p), batch_size) for p in picked.values())  # questions, generate calls
     start, done = time.perf_counter(), [0]  # batches done (a disabled bar counts nothing)
     result: dict = {}
     with progress(None, "TOFU eval", total=total) as bar:
