@@ -99,7 +99,7 @@ def _evaluate_set(model, tokenizer, name, pairs, *, template, batch_size, max_ne
     kw = {"template": template, "batch_size": batch_size, "tick": tick}
     extra = 1 + (name in PARAPHRASED)  # the answer, and the paraphrase when it is the truth ratio's base
     candidates = [(p.answer, p.paraphrased_answer)[:extra] + p.perturbed_answers for p in pairs]
-    nll = candidates_nll(model, tokenizer, questions, candidates, **kw)  # (N, extra + K): one prompt forward each
+    nll = candidates_nll(model, tokenizer, questions, candidates, **kw)  # (N, extra + K), one length-sorted pool
     answer, base, perturbed = nll[:, 0], nll[:, extra - 1], nll[:, extra:]  # (N,), (N,), (N, K)
     s = stats.truth_ratio_values(base, perturbed)  # (N,)
     generated = greedy_answers(model, tokenizer, questions, answers, max_new_tokens=max_new_tokens, **kw)
@@ -159,7 +159,11 @@ def evaluate_tofu(
 
     chosen = {name: sample_indices(name, len(pairs), max_questions, seed) for name, pairs in sets.items()}
     picked = {name: [sets[name][i] for i in idx] for name, idx in chosen.items()}
-    total = sum(len(p) + batches_for(len(p), batch_size) for p in picked.values())  # questions, generate calls
+    total = sum(
+        batches_for(len(p) * (1 + (name in PARAPHRASED) + len(p[0].perturbed_answers)), batch_size)  # forwards
+        + batches_for(len(p), batch_size)  # generate calls
+        for name, p in picked.items()
+    )
     start, done = time.perf_counter(), [0]  # batches done (a disabled bar counts nothing)
     result: dict = {}
     with progress(None, "TOFU eval", total=total) as bar:

@@ -6,10 +6,9 @@
   model never looks at the padding after a row, so every value is the unpadded row's whatever ``batch_size`` is
   (up to float rounding of different GEMM shapes, ~1e-7 in float32).
 - :func:`candidates_nll`: (N, K) NLLs of K candidate answers per question (TOFU's answer, paraphrase and perturbed
-  answers). By default the question's prompt runs once and its KV cache serves all K candidates (one forward of
-  the prompt, one of the K right-padded answers): the same numbers as :func:`answer_nll` (to float rounding) for
-  about half the tokens. Models whose cache cannot be repeated along the batch fall back to pooling the N x K rows
-  into :func:`answer_nll`'s length-sorted batches.
+  answers), all N x K rows pooled into the same length-sorted batches. (Running each prompt once and sharing its
+  KV cache among the K answers saves about half the tokens but measured no faster on 2 CPU cores: batches of
+  one prompt and K answers are small.)
 - :func:`greedy_answers`: greedy continuations of the prompts, left-padded per batch (as TOFU generates), decoded
   without the prompt and without special tokens.
 - :func:`rouge_l_recall`: ROUGE-L recall of each generated answer against its reference with ``rouge_score``'s
@@ -119,12 +118,10 @@ def candidates_nll(
     *,
     template: str = "auto",
     batch_size: int = 16,
-    share_prompt: bool = True,
     tick: Tick = None,
 ) -> np.ndarray:
-    """(N, K) float64 :func:`answer_nll` of K candidate answers per question (the same K for every question).
-    ``share_prompt``: one prompt forward per question for all its K candidates (``tick`` once per question);
-    else (or when the model's cache cannot be shared) the N x K rows in batches of ``batch_size``."""
+    """(N, K) float64 :func:`answer_nll` of K candidate answers per question (the same K for every question), the
+    N x K rows pooled into length-sorted batches of ``batch_size``."""
     ks = {len(c) for c in candidates}
     if len(ks) != 1 or 0 in ks:
         raise ValueError(f"candidates must give every question the same number K >= 1 of answers, got K in {ks}")
@@ -135,56 +132,7 @@ def candidates_nll(
     flat_a = [a for c in candidates for a in c]
     rows = _rows(tokenizer, flat_q, flat_a, template)
     pad = _special_id(tokenizer, ("pad_token_id", "eos_token_id"), "TOFU", "padding")
-    if share_prompt:
-        out = np.empty((len(questions), k), dtype=np.float64)
-        for i in range(len(questions)):
-            group = rows[i * k : (i + 1) * k]  # the same prompt: encode_qa tokenizes it apart from the answer
-            got = _shared_prompt_nll(model, group[0][0][: group[0][1]], [ids[n:] for ids, n in group], pad)
-            if got is None:
-                break
-            out[i] = got
-            if tick is not None:
-                tick()
-        else:
-            return out
     return _nll_rows(model, rows, pad, batch_size, tick).reshape(len(questions), k)
-
-
-def _shared_prompt_nll(model: nn.Module, prompt: list, answers: list[list], pad: int) -> np.ndarray | None:
-    """(m,) mean NLL of each answer after ``prompt``: the prompt runs once, its KV cache is repeated for the m
-    right-padded answers (positions continue from the prompt's; the padding after a row is never attended to).
-    None when the model returns no cache that can be repeated along the batch."""
-    device, m = _device(model), len(answers)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            kwargs = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-            out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, **kwargs)
-            cache = getattr(out, "cache", None)
-            cache = getattr(out, "past_key_values", None) if cache is None else cache  # the older name
-            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-                return None
-            cache.batch_repeat_interleave(m)
-            width = max(len(a) for a in answers)
-            ids = torch.full((m, width), pad, dtype=torch.int64)
-            mask = torch.zeros_like(ids)
-            for r, a in enumerate(answers):
-                ids[r, : len(a)], mask[r, : len(a)] = torch.tensor(a), 1
-            first = out.logits[:, -1].float().expand(m, -1)  # (m, V): the prompt's last position predicts a_0
-            nll_first = F.cross_entropy(first, ids[:, 0].to(device), reduction="none").double()  # (m,)
-            if width == 1:
-                return nll_first.cpu().numpy()
-            full_mask = torch.cat([torch.ones((m, len(prompt)), dtype=torch.int64), mask], 1).to(device)
-            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            logits = model(input_ids=ids.to(device), attention_mask=full_mask, **{name: cache}).logits
-            targets = next_token_targets(ids, mask).to(device)  # (m, width - 1): a_1 .. from a_0 ..
-            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                  reduction="none").double()  # fmt: skip
-            counts = 1 + (targets != IGNORE_INDEX).sum(1)  # (m,)
-            return ((nll_first + nll.sum(1)) / counts).cpu().numpy()
-    finally:
-        model.train(was_training)
 
 
 def greedy_answers(
