@@ -240,19 +240,22 @@ def test_evaluate_tofu_rejects_bad_sets_and_references(model, tok):
     np.testing.assert_array_equal(reference_values([0.5, 2.0]), [0.5, 2.0])
 
 
-def test_a_missing_tofu_extra_is_named():
+@pytest.mark.parametrize(
+    "module, call", [("rouge_score", "rouge_l_recall(['a'], ['a'])"), ("scipy", "forget_quality([1.0], [2.0])")]
+)
+def test_a_missing_tofu_extra_is_named(module, call):
     code = (
         "import sys\n"
-        "sys.modules['rouge_score'] = None\n"
-        "from fastunlearn.tofu import rouge_l_recall\n"
+        f"sys.modules[{module!r}] = None\n"
+        "from fastunlearn.tofu import forget_quality, rouge_l_recall\n"
         "try:\n"
-        "    rouge_l_recall(['a'], ['a'])\n"
+        f"    {call}\n"
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert 'pip install "fastunlearn[tofu]"' in out.stdout and "rouge_score" in out.stdout, out.stdout
+    assert 'pip install "fastunlearn[tofu]"' in out.stdout and repr(module) in out.stdout, out.stdout
 
 
 @pytest.mark.skipif(not TOFU.is_dir(), reason="../shared/data/tofu is absent")
