@@ -16,7 +16,8 @@ fine-tuned on the retain split only): :func:`evaluate_tofu` on the retain model 
 result (or its JSON, :func:`save_result`) is the ``retain_reference`` of later evaluations.
 
 Work is bounded: ``max_questions`` per set (40 by default, a seeded sample; TOFU samples 300), greedy answers no
-longer than the set's longest answer. ``scipy`` and ``rouge_score`` come with ``pip install "fastunlearn[tofu]"``.
+longer than the set's longest answer (at least 32 tokens). ``scipy`` and ``rouge_score`` come with
+``pip install "fastunlearn[tofu]"``.
 
 Modules: ``scoring`` (what runs the model: NLLs, greedy answers, ROUGE-L), ``stats`` (the formulas),
 ``evaluate`` (the sets, sampling, :func:`evaluate_tofu`, the table).

@@ -29,6 +29,7 @@ PARAPHRASED = ("forget", "retain")  # the truth ratio's base answer is the parap
 NORMALIZED = ("real_authors", "world_facts")  # probability P(a) / (P(a) + sum_k P(perturbed_k))
 FILES = {"retain": "retain_perturbed.json", "real_authors": "real_authors_perturbed.json",
          "world_facts": "world_facts_perturbed.json"}  # fmt: skip
+MIN_NEW_TOKENS = 32  # greedy answers may run this long even where the set's answers are shorter (real authors)
 MAX_QUESTIONS = 40  # per set by default: forget01 whole; a seeded sample of the others (TOFU itself takes 300)
 
 
@@ -114,9 +115,13 @@ def _evaluate_set(model, tokenizer, name, pairs, *, template, batch_size, max_ne
     }  # fmt: skip
 
 
-def _answer_tokens(tokenizer, pairs: Sequence[QAPair], template: str) -> int:
-    """The longest answer of ``pairs`` in tokens, its eos included."""
-    return max(len(ids) - n for ids, n in (encode_qa(tokenizer, p.question, p.answer, template) for p in pairs))
+def _default_new_tokens(model: nn.Module, tokenizer, pairs: Sequence[QAPair], template: str) -> int:
+    """max(the longest answer in tokens with its eos, MIN_NEW_TOKENS), within the model's context after the
+    longest prompt: a verbatim answer fits, and so does a sentence that ends in a short one."""
+    rows = [encode_qa(tokenizer, p.question, p.answer, template) for p in pairs]
+    wanted = max(MIN_NEW_TOKENS, *(len(ids) - n for ids, n in rows))
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return wanted if context is None else max(1, min(wanted, context - max(n for _, n in rows)))
 
 
 def evaluate_tofu(
@@ -142,7 +147,8 @@ def evaluate_tofu(
 
     Work bounds: ``max_questions`` per set (a sample seeded by ``seed``, the same for every model; None: all),
     ``batch_size`` sequences per forward, greedy answers of at most ``max_new_tokens`` tokens (None: the set's
-    longest answer, so that a verbatim answer fits). Progress: a bar on a terminal, and one log line per set
+    longest answer or ``MIN_NEW_TOKENS`` if more, within the model's context; TOFU lets prompt + answer reach
+    200 tokens). Progress: a bar on a terminal, and one log line per set
     (logger ``fastunlearn.tofu``, INFO) with the time elapsed and the ETA.
     """
     _check_sets(sets)
@@ -174,7 +180,7 @@ def evaluate_tofu(
 
         for name in (n for n in SET_NAMES if n in picked):
             pairs = picked[name]
-            limit = max_new_tokens or _answer_tokens(tokenizer, pairs, template)
+            limit = max_new_tokens or _default_new_tokens(model, tokenizer, pairs, template)
             result[name] = _evaluate_set(model, tokenizer, name, pairs, template=template, batch_size=batch_size,
                                          max_new_tokens=limit, tick=tick)  # fmt: skip
             result[name]["indices"] = chosen[name].tolist()
