@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from .cli_finetune import add_parser as add_finetune_parser
+from .cli_tofu import add_tofu_args, run_tofu
 
 EXAMPLES = """examples:
   fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   fastunlearn finetune --model microsoft/phi-1_5 --data tofu_full.json --qa --out runs/tofu-target
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
   fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt
+  fastunlearn eval --model runs/tofu-ihl/merged --tofu data/tofu --retain-model runs/retain99 --json tofu.json
   fastunlearn demo
   fastunlearn demo --real
 """
@@ -139,6 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_texts, tokenize_sequences
     from .metrics import evaluate
 
+    if args.tofu:
+        return run_tofu(args, _load_model)
     sets = named_sources(args.set, "--set")
     tasks = _lm_eval_tasks(args.lm_eval_tasks)
     if not sets and not tasks:
@@ -307,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")
     p.set_defaults(func=_unlearn)
 
-    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets, lm-eval downstream tasks")
+    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets, lm-eval tasks, TOFU")
     _add_model_args(p)
     p.add_argument("--set", action="append", metavar="NAME=FILE", help="a set to measure (repeat)")
     p.add_argument("--metrics", default="ma,el,ppl", help="comma-separated: ma, el, ppl (all three)")
@@ -319,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of your own lm-eval task YAMLs "
                    "(their data_files: absolute paths)")  # fmt: skip
     p.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N examples of each task (a check)")
+    add_tofu_args(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="offline demo: a tiny model memorizes data, then FILA + IHL unlearns it")
