@@ -21,17 +21,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import demo
 from ._validate import check_number
+from .data import UnlearningData
 from .demo_data import FIRST_NAMES, make_records
+from .engine import UnlearnConfig
 from .engine.progress import log_to_terminal
 from .export import atomic_directory
-from .metrics import memorization_accuracy
+from .metrics import evaluate, memorization_accuracy
 from .models import REAL_DIR, REAL_ENV, real_model
 
 CACHE_FORMAT = 1  # bump when the cached memorized model changes meaning
@@ -50,6 +52,7 @@ class RealDemoConfig:
     target_ma: float = 0.95  # forget MA that counts as memorized
     unlearn_epochs: int = 30  # max_epochs of the engine (one update each)
     unlearn_lr: float = 1e-3  # FILA learning rate (x5 the paper's 2e-4: minutes, not an hour, on a CPU)
+    retain_weight: float = 1.0  # x the retain LM loss in each update: what holds the retain records in place
     rank: int = 8  # FILA adapter rank (alpha = 2 x rank)
     n_examples: int = 3  # forget records whose greedy completions are shown
     out_dir: str | os.PathLike = "fastunlearn-demo-real"  # replaced if it holds a previous demo output
@@ -69,7 +72,7 @@ class RealDemoConfig:
                              f"record), got {sum(self.sizes.values())}")  # fmt: skip
         if self.n_examples > self.n_forget:
             raise ValueError(f"n_examples must be <= n_forget ({self.n_forget}), got {self.n_examples}")
-        for name in ("memorize_lr", "unlearn_lr"):
+        for name in ("memorize_lr", "unlearn_lr", "retain_weight"):
             check_number(name, getattr(self, name), 0, strict=True)
         if (
             isinstance(self.target_ma, bool)
@@ -118,6 +121,30 @@ def print_memorization(stats: dict, cfg: RealDemoConfig) -> None:
         print(f"  The forget records' MA stayed below {cfg.target_ma} after memorize_steps={cfg.memorize_steps}.")
 
 
+def unlearn_config(cfg: RealDemoConfig) -> UnlearnConfig:
+    """The default demo's run (IHL + retain loss on FILA adapters until the held-out criterion) with this demo's
+    retain weight, and the held-out set's EL after unlearning measured too (the table shows it)."""
+    return replace(demo.unlearn_config(cfg), retain_weight=cfg.retain_weight, eval_heldout_el_after=True)
+
+
+def retain_scores(model: torch.nn.Module, data: UnlearningData) -> dict:
+    """{"ma", "el"} of the retain records: the one row of the table the engine does not measure."""
+    return evaluate(model, {"retain": data.retain.input_ids}, n=demo.EL_N)["retain"]
+
+
+def table_scores(log: dict, retain_before: dict, retain_after: dict) -> tuple[dict, dict]:
+    """(before, after) in ``demo.scores``' layout: the forget and held-out sets' MA and EL_10 and the retain
+    perplexity as the engine measured them (its baseline, and after its last task), the retain records' MA and
+    EL_10 from the demo."""
+    baseline, final = log["baseline"], log["tasks"][-1]["after"]
+    forget_after = {key: final["forget"][0][key] for key in ("ma", "el")}
+    before = {"forget": baseline["forget"][0], "retain": retain_before, "heldout": baseline["heldout"],
+              "retain_ppl": baseline["retain_ppl"]}  # fmt: skip
+    after = {"forget": forget_after, "retain": retain_after, "heldout": final["heldout"],
+             "retain_ppl": final["retain_ppl"]}  # fmt: skip
+    return before, after
+
+
 def main(cfg: RealDemoConfig | None = None) -> int:
     """Run the real-model demo; 0 when the forget set met the unlearning criterion, 1 when it did not."""
     cfg = cfg or RealDemoConfig()
@@ -135,15 +162,18 @@ def main(cfg: RealDemoConfig | None = None) -> int:
     print_memorization(stats, cfg)
     data = demo.tokenize_records(records, tokenizer, cfg.seq_len)
     shown = demo.examples(tokenizer, data.forget, records["forget"], cfg.n_examples)
-    print("Measuring MA, EL_10 and perplexity of the three sets before unlearning ...")
-    before, completed_before = demo.scores(model, data), demo.complete(model, tokenizer, shown, cfg.seq_len)
+    print(f"Measuring the retain records' MA and EL_{demo.EL_N} and {len(shown)} greedy completions before "
+          "unlearning (the engine measures the rest) ...")  # fmt: skip
+    retain_before, completed_before = retain_scores(model, data), demo.complete(model, tokenizer, shown, cfg.seq_len)
     print(
-        f"Unlearning the {cfg.n_forget} forget records (IHL + retain loss, FILA rank {cfg.rank}, lr "
-        f"{cfg.unlearn_lr:g}, at most {cfg.unlearn_epochs} epochs)...\n"
+        f"Unlearning the {cfg.n_forget} forget records (IHL + retain loss x{cfg.retain_weight:g}, FILA rank "
+        f"{cfg.rank}, lr {cfg.unlearn_lr:g}, at most {cfg.unlearn_epochs} epochs)...\n"
     )
     with atomic_directory(out, overwrite=True) as tmp:  # the previous output stays until this one is complete
-        result = demo.run_unlearning(model, tokenizer, data, cfg, tmp)
-        after, completed_after = demo.scores(model, data), demo.complete(model, tokenizer, shown, cfg.seq_len)
+        result = demo.run_unlearning(model, tokenizer, data, cfg, tmp, config=unlearn_config(cfg))
+        print(f"Measuring the retain records' MA and EL_{demo.EL_N} and the completions after unlearning ...")
+        retain_after, completed_after = retain_scores(model, data), demo.complete(model, tokenizer, shown, cfg.seq_len)
+        before, after = table_scores(result.log, retain_before, retain_after)
         rows = [{"person": e.person, "record": e.record, "before": b, "after": a}
                 for e, b, a in zip(shown, completed_before, completed_after)]  # fmt: skip
         summary = {"config": asdict(cfg), "model": REAL_DIR, "memorization": stats, "before": before, "after": after,
