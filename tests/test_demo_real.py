@@ -100,3 +100,18 @@ def test_cli_demo_real_flag_runs_the_real_demo(monkeypatch, tmp_path):
     (cfg,) = seen
     assert isinstance(cfg, RealDemoConfig) and cfg.seed == 3 and cfg.cache_dir == tmp_path
     assert cfg.out_dir.name == "fastunlearn-demo-real"
+
+
+def test_real_demo_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(demo_real, "run_demo", lambda cfg: seen.append((cfg, torch.get_num_threads())) or 0)
+    torch.set_num_threads(2)
+    try:
+        assert demo_real.main(RealDemoConfig(unlearn_lr=5e-4)) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    ((cfg, threads),) = seen
+    assert threads == 1 and cfg.unlearn_lr == 5e-4
