@@ -21,7 +21,8 @@ the engine's own (its baseline, and its measurements after the last epoch, in ``
 only the retain records' MA and EL_10, before and after. EL_10 is the dominant evaluation cost (a greedy decode
 of every prefix where the model deviates: all of them for an unseen record), and the held-out baseline is
 cached by the engine across runs. A memorization step (forward and backward of the 24 records, AdamW on 135M
-weights) costs about 11 CPU-seconds, an unlearning epoch about 10.
+weights, a forget-MA check every other step) costs about 10 CPU-seconds, an unlearning epoch with its checks about 9
+(README: "The demo on a real model").
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def table_scores(log: dict, retain_before: dict, retain_after: dict) -> tuple[di
 
 
 def main(cfg: RealDemoConfig | None = None) -> int:
-    """Run the real-model demo on one CPU thread (``demo.one_thread``: the same numbers on any machine); 0 when the
+    """Run the real-model demo on one CPU thread (``demo.one_thread``: numbers independent of the core count); 0 when
     forget set met the unlearning criterion, 1 when it did not."""
     with demo.one_thread():
         return run_demo(cfg or RealDemoConfig())
