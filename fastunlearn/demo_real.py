@@ -155,8 +155,8 @@ def table_scores(log: dict, retain_before: dict, retain_after: dict) -> tuple[di
 
 
 def main(cfg: RealDemoConfig | None = None) -> int:
-    """Run the real-model demo on one CPU thread (``demo.one_thread``: numbers independent of the core count); 0 when
-    forget set met the unlearning criterion, 1 when it did not."""
+    """Run the real-model demo on one CPU thread (``demo.one_thread``: numbers independent of the core count);
+    0 when the forget set met the unlearning criterion, 1 when it did not."""
     with demo.one_thread():
         return run_demo(cfg or RealDemoConfig())
 
