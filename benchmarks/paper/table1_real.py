@@ -183,7 +183,8 @@ def plan(args) -> list[tuple[Method, tuple[str, int], tuple[float, ...]]]:
         for name, method in every.items():
             if name not in MAIN:
                 todo.append((method, cell, (TUNED,) if "tuned lr" in name else grid))
-    return [t for t in todo if not args.methods or t[0].name in args.methods]
+    todo = [t for t in todo if not args.methods or t[0].name in args.methods]
+    return todo if args.only_cell is None else [t for t in todo if t[1] == cells(args)[args.only_cell]]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -211,6 +212,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--control-cells", type=int, default=1, help="cells the controls run on")
     parser.add_argument("--lr-factors", type=float, nargs="+", default=list(LR_GRID), help="x the paper's lr")
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
+    parser.add_argument("--only-cell", type=int, help="this index of the cells only (a second process shares the "
+                        "work: both append to runs.jsonl; then --report-only)")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="rewrite table1.md / .png from runs.jsonl")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a shared CPU: 1 is fastest)")
     args = parser.parse_args(argv)
@@ -223,6 +226,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"-r{args.retain_blocks}-u{args.utility_blocks}-l{args.lambada}-e{args.max_epochs}-k{args.rank}"
                    f"-{'-'.join(args.forget_sets)}-x{'/'.join(f'{f:g}' for f in args.lr_factors)}")  # fmt: skip
     return args
+
+
+def read_rows(runs_file: Path, design: str) -> list[dict]:
+    """The attempts of this design in runs.jsonl (earlier designs' rows stay in the file, unused)."""
+    rows = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    return [r for r in rows if r.get("design") == design]
 
 
 def caption(args, before: dict) -> str:
@@ -241,8 +250,7 @@ def caption(args, before: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs_file, before_file = args.out / "runs.jsonl", args.out / "before.json"
-    rows = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
-    rows = [r for r in rows if r.get("design") == args.design]  # earlier designs' rows stay in the file, unused
+    rows = read_rows(runs_file, args.design)
     before = json.loads(before_file.read_text()) if before_file.is_file() else {}
     grid = {m.name: factors for m, _, factors in plan(args)}
     if args.report_only:
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(before_file, json.dumps(before, indent=1) + "\n")
     logger.info("design %s: %d attempts already in %s", args.design, len(rows), runs_file)
     for method, cell, factors in plan(args):
+        rows = read_rows(runs_file, args.design)  # what another process (--only-cell) finished too
         done = [r for r in rows if (r["method"], r["forget_set"], r["seed"]) == (method.name, *cell)]
         if any(r["success"] for r in done) or len(done) >= len(factors):
             continue
@@ -291,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(args, rows, before, False, grid, caption(args, before))
             if run["success"]:
                 break
-    write_outputs(args, rows, before, True, grid, caption(args, before))
+    rows = read_rows(runs_file, args.design)
+    write_outputs(args, rows, before, len(chosen(rows, grid)) == len(plan(args)), grid, caption(args, before))
     logger.info("done in %.0f s", time.perf_counter() - start)
     return 0
 
