@@ -82,7 +82,18 @@ def verdicts(picked: list[dict], before: dict) -> dict:
     return out
 
 
-def table_markdown(picked: list[dict], before: dict, caption: str, finished: bool) -> str:
+def attempts_markdown(rows: list[dict]) -> list[str]:
+    """Every attempt (cells still open included): method, cell, lr factor, outcome, epochs, forget MA per epoch."""
+    lines = ["## Every attempt", "", "| Method | forget set, seed | lr factor | outcome | epochs | forget MA per epoch "
+             "| minutes |", "|" + " --- |" * 7]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["forget_set"], r["seed"], r["method"], r["lr_factor"])):
+        curve, outcome = " ".join(f"{m:.2f}" for m in r["curve"]), "met" if r["success"] else "not met"
+        lines.append(f"| {r['method']} | {r['forget_set']}, {r['seed']} | ×{r['lr_factor']:g} | {outcome} | "
+                     f"{r['epochs']} | {curve} | {r['seconds'] / 60:.1f} |")  # fmt: skip
+    return lines + [""]
+
+
+def table_markdown(picked: list[dict], before: dict, caption: str, finished: bool, rows: list[dict]) -> str:
     names = list(dict.fromkeys(r["method"] for r in picked))
     head = "" if finished else "**PARTIAL: the run did not finish; rows below are the cells that did.**\n\n"
     ma_b = [r["ma_before"] for r in picked]
@@ -124,7 +135,12 @@ def table_markdown(picked: list[dict], before: dict, caption: str, finished: boo
         )
         lines.append(f"- {key}: **{verdict}** — "
                      + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items() if k != "holds"))  # fmt: skip
-    lines += ["", "## Greedy continuation of each forget set's first sequence (32-token prefix, 24 new tokens)", ""]
+    lines += [
+        "",
+        *attempts_markdown(rows),
+        "## Greedy continuation of each forget set's first sequence (32-token prefix, 24 new tokens)",
+        "",
+    ]
     for forget_set, c in before["continuations"].items():
         lines += [f"- {forget_set} truth: `{c['truth']!r}`", f"  - before: `{c['greedy']!r}`"]
         for r in picked:
@@ -175,6 +191,6 @@ def write_outputs(args, rows: list[dict], before: dict, finished: bool, grid: di
     from fastunlearn.report import atomic_write
 
     picked = chosen(rows, grid)
-    atomic_write(Path(args.out) / "table1.md", table_markdown(picked, before, caption, finished))
+    atomic_write(Path(args.out) / "table1.md", table_markdown(picked, before, caption, finished, rows))
     write_plot(Path(args.out) / "table1.png", picked, before)
     return picked
