@@ -93,3 +93,15 @@ def test_report_only_rewrites_the_table_from_runs_jsonl(tmp_path):
     table = (tmp_path / "table1.md").read_text()
     assert "| GA | 2 | ×1 | 100.00 | 2.0 ± 0.0 | 2.0 ± 0.0 |" in table
     assert "PARTIAL" not in table and (tmp_path / "table1.png").stat().st_size > 1000
+
+
+def test_an_unfinished_cell_counts_once_it_cannot_beat_fila():
+    from table1_real_report import chosen, verdicts
+
+    grid = {"FILA + IHL": (1.0, 2.0), "LoRA + IHL": (1.0, 2.0, 5.0)}
+    rows = [_row("FILA + IHL", ("s0", 0), 1.0, True, 9), _row("LoRA + IHL", ("s0", 0), 1.0, False, 10),
+            _row("FILA + IHL", ("s1", 1), 2.0, True, 3), _row("LoRA + IHL", ("s1", 1), 1.0, False, 10)]  # fmt: skip
+    picked = chosen(rows, grid)
+    assert {r["method"] for r in picked} == {"FILA + IHL"}  # LoRA's cells are still open
+    v = verdicts(picked, {"utility": {"wikitext": 100.0, "pile": 200.0}}, rows)["b_fewer_epochs_than_LoRA + IHL"]
+    assert v == {"holds": True, "cells": 1, "fila_wins": 1}  # s1: LoRA may still meet it at x2 in < 3 epochs
