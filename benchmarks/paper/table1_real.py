@@ -214,6 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
     parser.add_argument("--only-cell", type=int, help="this index of the cells only (a second process shares the "
                         "work: both append to runs.jsonl; then --report-only)")  # fmt: skip
+    parser.add_argument("--up-to", type=float, help="this time, lr factors up to this one only (cells stay open)")
     parser.add_argument("--report-only", action="store_true", help="rewrite table1.md / .png from runs.jsonl")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a shared CPU: 1 is fastest)")
     args = parser.parse_args(argv)
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         done = [r for r in rows if (r["method"], r["forget_set"], r["seed"]) == (method.name, *cell)]
         if any(r["success"] for r in done) or len(done) >= len(factors):
             continue
-        for factor in factors[len(done) :]:
+        for factor in [f for f in factors[len(done) :] if args.up_to is None or f <= args.up_to]:
             run = run_once(folder, data, method, cell, factor, factor == factors[-1], args)
             rows.append(run)
             with runs_file.open("a") as f:
