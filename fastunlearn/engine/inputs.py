@@ -50,7 +50,7 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
             if needs:
                 raise ValueError(f"{why} needs a retain set, and data has none")
     if cfg.stop == "heldout" and heldout is None:
-        raise ValueError("stop='heldout' needs a held-out set, and data has none (or use stop='threshold')")
+        raise ValueError("stop='heldout' needs a held-out set, and data has none (or use stop='threshold' or 'epochs')")
     if heldout is not None and not cfg.allow_heldout_overlap:
         check_heldout_overlap(tasks, heldout)
     return tasks, retain, heldout
