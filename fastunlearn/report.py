@@ -213,7 +213,7 @@ def report_markdown(log: dict) -> str:
             lines += ["", f"After this task: {measured}."]
     when = "once the forget MA meets its limit"
     if log["criterion"]["stop"] == "epochs":
-        when = "after each task (stop='epochs')"
+        when = "with a criterion (never with stop='epochs')"
     lines += ["", f"EL_{n} is measured only {when} (– = not measured). Losses are "
               "before each epoch's update; the range is over that epoch's micro-batches."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -18,7 +18,8 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
   The run stops at the first epoch >= ``min_epochs`` that meets it; reaching ``max_epochs`` without it, or a
   non-finite loss or gradient (then no update is made), is a failure, and is recorded as one.
   ``stop="epochs"`` (TOFU's protocol) has no criterion: exactly ``max_epochs`` epochs, no held-out set needed,
-  the forget MA every epoch and its EL_n after the task; a non-finite update is still a failure.
+  the forget MA every epoch, never EL_n (the costliest metric; no criterion needs it); a non-finite update is
+  still a failure.
 - **Evaluation hook**: ``on_epoch(model, epoch) -> {name: float}`` (e.g. TOFU's forget quality and model
   utility) runs before unlearning (epoch 0) and after every epoch; its values go into ``log.json`` under
   ``"on_epoch"`` and into the report and plot.

@@ -63,15 +63,16 @@ def per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, m
 
 def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: float | None = None, *, el: bool = True,
             phase: str = "") -> dict:  # fmt: skip
-    """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, or ``limit`` is given and MA is above it (then
-    None). ``phase`` names the set in progress lines ("baseline: held-out set" -> "... MA 3/8 batches")."""
+    """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, ``cfg.stop`` is "epochs" (no criterion needs
+    it; EL costs most), or ``limit`` is given and MA is above it (then None). ``phase`` names the set in progress
+    lines ("baseline: held-out set" -> "... MA 3/8 batches")."""
     batch = cfg.eval_batch_size
     ma = per_sequence(
         lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, batch_size=batch),
         seqs, model, cfg, f"{phase} MA",
     )  # fmt: skip
     ma = ma.mean().item()
-    if not el or (limit is not None and ma > limit):
+    if not el or cfg.stop == "epochs" or (limit is not None and ma > limit):
         return {"ma": ma, "el": None}
     el = per_sequence(
         lambda s: extraction_likelihood(

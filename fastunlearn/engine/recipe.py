@@ -225,9 +225,7 @@ class UnlearnRecipe:
                                   self.retain, cfg, self.generator, self.device, reference=reference))  # fmt: skip
         record["train_s"] = self.last_train_s = self.lap("train_s")
         phase += " evaluation:"
-        metrics = evaluation.measure(
-            self.model, forget, cfg, limit=crit["ma"], el=cfg.stop != "epochs", phase=phase
-        )  # EL once MA meets the limit; stop="epochs": after the task only
+        metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it
         record.update(forget_ma=metrics["ma"], forget_el=metrics["el"],
                       retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg, phase),
                       utility_ppl=evaluation.utility_ppl(self.model, self.utility, cfg, phase))  # fmt: skip
@@ -261,7 +259,7 @@ class UnlearnRecipe:
         names = [set_name(i, len(self.tasks)) for i in range(k + 1)]
         after = [evaluation.measure(self.model, t, cfg, phase=f"after {names[k]}: {names[i]}")
                  for i, t in enumerate(self.tasks[:k])]  # fmt: skip
-        reuse = last["forget_el"] is not None
+        reuse = last["forget_el"] is not None or cfg.stop == "epochs"  # stop="epochs": MA only
         after.append({"ma": last["forget_ma"], "el": last["forget_el"]} if reuse else
                      evaluation.measure(self.model, forget, cfg, phase=f"after {names[k]}: {names[k]}"))  # fmt: skip
         heldout = None
