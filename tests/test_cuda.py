@@ -7,6 +7,8 @@ import torch
 from reference import CASES, DTYPE_TOLERANCES, assert_close_verbose, check_against_reference, make_case, run_loss
 
 import fastunlearn
+from fastunlearn._logprob_torch import logprob_reference
+from fastunlearn.logprob import fused_linear_logprob
 
 pytestmark = [
     pytest.mark.cuda,
@@ -144,3 +146,50 @@ def test_fused_linear_on_cuda(dtype):
     assert_close_verbose(l1, l2, tol, tol, "loss")
     assert_close_verbose(gh1, gh2, tol * gh2.abs().max().item(), tol, "grad hidden")
     assert_close_verbose(gw1, gw2, tol * gw2.abs().max().item(), tol, "grad weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_linear_logprob_triton_matches_float64(dtype):
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(257, 128, generator=gen).to(dtype).cuda()
+    w = (torch.randn(50257, 128, generator=gen) / 128**0.5).to(dtype).cuda()
+    b = torch.randn(50257, generator=gen).to(dtype).cuda()
+    labels = torch.randint(0, 50257, (257,), generator=gen).cuda()
+    labels[::7] = -100
+    weights = torch.rand(257, generator=gen).cuda()
+    leaves = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    got = fused_linear_logprob(*leaves[:2], labels, leaves[2], chunk_rows=100, impl="triton")
+    (got * weights).sum().backward()
+    refs = [t.double().requires_grad_(True) for t in (h, w, b)]
+    want = logprob_reference(*refs[:2], labels, refs[2])
+    (want * weights.double()).sum().backward()
+    assert got.dtype == torch.float32 and torch.all(got[::7] == 0)
+    # bf16: the chunk logits are rounded to bf16 before the float32 reduction (the unfused path does the same)
+    atol = 1e-4 if dtype == torch.float32 else 0.1
+    assert_close_verbose(got, want.float(), atol, 1e-4 if dtype == torch.float32 else 2e-2, "logp")
+    rel = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, leaf, ref in zip(("hidden", "weight", "bias"), leaves, refs):
+        assert leaf.grad.dtype == dtype
+        assert_close_verbose(leaf.grad.float(), ref.grad.float(), rel * ref.grad.abs().max().item(), rel, name)
+
+
+@pytest.mark.parametrize("op", ["ihl", "logprob"])
+def test_fused_linear_bf16_weight_gradient_accumulates_in_float32(op):
+    """grad_W = sum over chunks of dz_cᵀ h_c: accumulated in float32 (addmm), 1024 one-row chunks give the
+    one-chunk result up to the final bf16 rounding; a bf16 running sum drifts by several ulps.
+    h in {-1, 0, 1} and w in {-2, ..., 2} / 8 make every logit exact in bf16 whatever the GEMM's order, so
+    both chunkings see the same logits and only the accumulation differs."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randint(-1, 2, (1024, 64), generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randint(-2, 3, (4096, 64), generator=gen) / 8).to(torch.bfloat16).cuda()
+    labels = torch.randint(0, 4096, (1024,), generator=gen).cuda()
+    fn = fastunlearn.fused_linear_ihl if op == "ihl" else fused_linear_logprob
+    grads = []
+    for chunk_rows in (1, 1024):
+        ww = w.clone().requires_grad_(True)
+        fn(h, ww, labels, chunk_rows=chunk_rows).sum().backward()
+        grads.append(ww.grad.float())
+    scale = grads[1].abs().max().item()
+    assert scale > 0
+    # within one bf16 ulp (the final rounding); a bf16 running sum fails this (checked on CPU by simulation)
+    assert_close_verbose(grads[0], grads[1], 2**-12 * scale, 2**-7, "grad weight, 1-row chunks vs one chunk")
