@@ -32,7 +32,8 @@ from .lowrank import weighted_lowrank_grouped as weighted_lowrank_grouped  # iso
 __version__ = "0.1.0"
 
 # The engine imports transformers (metrics, data); it loads on first use so `import fastunlearn` stays light.
-_LAZY = {"unlearn": ".engine", "UnlearnConfig": ".engine", "UnlearnResult": ".engine"}
+_LAZY = {"unlearn": ".engine", "UnlearnConfig": ".engine", "UnlearnResult": ".engine",
+         "finetune": ".engine.finetune", "FinetuneConfig": ".engine.finetune"}  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -68,4 +69,7 @@ __all__ = [
     # the unlearning job (loaded on first use)
     "UnlearnConfig",
     "unlearn",
+    # supervised fine-tuning (loaded on first use)
+    "FinetuneConfig",
+    "finetune",
 ]

@@ -74,11 +74,13 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_float_tensor(name: str, t: object, min_dim: int = 1) -> None:
+def check_float_tensor(name: str, t: object, min_dim: int = 1, *, float64: bool = False) -> None:
+    """``float64``: accept float64 too (the plain-PyTorch cross-entropy: float64 checks of the LM loss)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES and not (float64 and t.dtype == torch.float64):
+        raise TypeError(f"{name} must be float32, bfloat16{', float16 or float64' if float64 else ' or float16'}, "
+                        f"got {t.dtype}")  # fmt: skip
     if t.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
 

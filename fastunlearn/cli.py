@@ -1,4 +1,4 @@
-"""The ``fastunlearn`` command line: ``unlearn``, ``eval``, ``demo`` and ``info``.
+"""The ``fastunlearn`` command line: ``unlearn``, ``finetune`` (``cli_finetune``), ``eval``, ``demo``, ``info``.
 
 One function per subcommand. Every failure ends with one line on stderr, never a traceback, and the exit
 status ``EXIT_STATUS`` documents: user mistakes (missing files, bad options, a model that does not load) are
@@ -17,11 +17,14 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from .cli_finetune import add_parser as add_finetune_parser
+
 EXAMPLES = """examples:
   fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
       --heldout heldout.csv --loss ihl --params fila --rank 16 --out runs/fila-ihl
   torchrun --nproc-per-node 8 -m fastunlearn unlearn --model meta-llama/Llama-2-7b-hf --forget forget.csv \\
       --retain wiki.txt --heldout heldout.csv --dtype bfloat16 --parallel fsdp --out runs/llama-fila
+  fastunlearn finetune --model microsoft/phi-1_5 --data tofu_full.json --qa --out runs/tofu-target
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
   fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt
   fastunlearn demo
@@ -29,17 +32,18 @@ EXAMPLES = """examples:
 """
 
 EXIT_STATUS = """exit status:
-  0    forgotten (unlearn, demo: the criterion was met); done (eval, info)
+  0    forgotten (unlearn, demo: the criterion was met); done (finetune, eval, info)
   1    not forgotten: the run finished without meeting the criterion (its report says why)
   2    usage or input error: a bad option, a missing or unreadable file, a model or data that cannot be used
   3    runtime failure (a bug, a full disk): the traceback is in OUT/.fastunlearn/error.log once unlearn has
        written to OUT, else in a temporary file; the one line on stderr names it
-  130  interrupted (Ctrl-C); unlearn resumes from its last finished epoch with the same command
+  130  interrupted (Ctrl-C); unlearn and finetune resume from its last finished epoch with the same command
 """
 # Exceptions that mean the input or the environment is wrong (exit 2). Anything else is a runtime failure (3).
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                 PermissionError, ImportError)  # fmt: skip
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+RESUMABLE = ("unlearn", "finetune")  # commands with an OUT run directory that a rerun resumes
 
 
 def _load_model(path: str, dtype: str, device=None):
@@ -329,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/fastunlearn)")  # fmt: skip
     p.set_defaults(func=_demo)
 
+    add_finetune_parser(sub)
     p = sub.add_parser("info", help="show which kernels (Triton, C++, torch) this install will use")
     p.set_defaults(func=_info)
     return parser
@@ -348,7 +353,7 @@ def _error_log(args: argparse.Namespace, argv: list[str]) -> Path | None:
 
     rank = os.environ.get("RANK", "0")
     text = f"fastunlearn {' '.join(argv)}\n\n{traceback.format_exc()}"
-    out = Path(args.out) if args.command == "unlearn" else None
+    out = Path(args.out) if args.command in RESUMABLE else None
     if out is not None and out.is_dir() and is_run_dir(out):
         try:
             path = out / PRIVATE / ("error.log" if rank == "0" else f"error-rank{rank}.log")
@@ -371,7 +376,7 @@ def _runtime_failure(args: argparse.Namespace, argv: list[str], exc: Exception) 
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         where = exc.filename or getattr(args, "out", None) or getattr(args, "json", None) or "the output"
         message = f"{os.strerror(exc.errno)} writing {where}"
-        if args.command == "unlearn":
+        if args.command in RESUMABLE:
             message += " (free space, then the same command resumes from the last finished epoch)"
     else:
         message = f"{type(exc).__name__}: {_one_line(exc)}"
@@ -389,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastunlearn {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (the same command resumes from the last finished epoch)" if args.command == "unlearn" else ""
+        hint = " (the same command resumes from the last finished epoch)" if args.command in RESUMABLE else ""
         print(f"fastunlearn {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a runtime failure: one line, the traceback in a log file

@@ -38,6 +38,7 @@ from .data import SequenceSet, UnlearningData, tokenize_sequences
 from .demo_cache import MANIFEST, cache_path, check_cache_root, load_cached, save_cache  # noqa: F401 - the demo API
 from .demo_data import FIRST_NAMES, make_records, person, train_tokenizer
 from .engine import UnlearnConfig, unlearn
+from .engine.finetune import sft_step
 from .metrics import evaluate, memorization_accuracy, perplexity
 
 logger = logging.getLogger("fastunlearn.demo")  # memorization progress; shown where log_to_terminal() is on
@@ -142,27 +143,23 @@ def build_model(cfg: DemoConfig, tokenizer) -> torch.nn.Module:
 
 def train_until_memorized(model: torch.nn.Module, train: torch.Tensor, check: torch.Tensor, *, steps: int, lr: float,
                           target: float, check_every: int, batch_size: int | None = None) -> dict:  # fmt: skip
-    """AdamW steps (no weight decay) on ``train`` (N, L) token ids, each over all N rows (in chunks of
-    ``batch_size`` rows, gradients accumulated token-weighted alike: one update per step), until the mean MA of
-    ``check`` (M, L) reaches ``target`` (measured every ``check_every`` steps and after the last) or ``steps``
-    end. Returns {"steps", "train_ma" (``check``'s MA), "seconds"}; the model is left in eval mode."""
+    """AdamW steps (no weight decay) on ``train`` (N, L) token ids, each over all N rows (``engine.finetune.sft_step``,
+    the fine-tuning step: micro-batches of ``batch_size`` rows, the mean over every token; one update per step),
+    until the mean MA of ``check`` (M, L) reaches ``target`` (measured every ``check_every`` steps and after the
+    last) or ``steps`` end. Returns {"steps", "train_ma" (``check``'s MA), "seconds"}; the model is left in eval
+    mode."""
     start = time.perf_counter()
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    chunks = train.split(batch_size or len(train))
+    batch = {"input_ids": train, "attention_mask": torch.ones_like(train)}
     bar = tqdm(range(1, steps + 1), desc="memorizing", unit="step", leave=False, disable=None)
     for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        for chunk in chunks:
-            loss = model(input_ids=chunk, labels=chunk).loss
-            (loss * len(chunk) / len(train)).backward()  # equal-length rows: the full batch's mean
-        optimizer.step()
+        loss = sft_step(model, optimizer, batch, batch_size or len(train), next(model.parameters()).device)["loss"]
         if step % check_every == 0 or step == steps:
             model.eval()
             train_ma = memorization_accuracy(model, check).mean().item()
             model.train()
-            bar.set_postfix(loss=f"{loss.item():.3f}", MA=f"{train_ma:.3f}")
-            logger.info("memorizing: step %d/%d, loss %.3f, MA %.3f (target %g), %.0f s", step, steps, loss.item(),
+            bar.set_postfix(loss=f"{loss:.3f}", MA=f"{train_ma:.3f}")
+            logger.info("memorizing: step %d/%d, loss %.3f, MA %.3f (target %g), %.0f s", step, steps, loss,
                         train_ma, target, time.perf_counter() - start)  # fmt: skip
             if train_ma >= target:
                 break

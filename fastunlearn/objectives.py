@@ -83,7 +83,7 @@ def shift_causal(
 
     The logits are a view: no copy.
     """
-    _validate.check_float_tensor("logits", logits, min_dim=2)
+    _validate.check_float_tensor("logits", logits, min_dim=2, float64=True)
     if input_ids.shape != logits.shape[:-1]:
         raise ValueError(
             f"input_ids has shape {tuple(input_ids.shape)} but logits (..., T, V) needs {tuple(logits.shape[:-1])}"
@@ -107,15 +107,17 @@ def causal_lm_ihl_loss(
 
 
 def retain_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy (float32 result); ``mean`` over non-ignored tokens, 0 when there are none."""
-    _validate.check_float_tensor("logits", logits)
+    """Next-token cross-entropy (float32 result, float64 for float64 logits); ``mean`` over non-ignored tokens,
+    0 when there are none."""
+    _validate.check_float_tensor("logits", logits, float64=True)
     _validate.check_labels(labels, logits.shape[:-1], logits.device, "logits (..., V)")
     _validate.check_reduction_and_margin(reduction, 1.0)
     y = flatten_labels(labels)
     if _validate.value_checks_enabled(logits.device):
         _validate.check_label_values(y, logits.shape[-1], ignore_index)
     rows = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, ignore_index=ignore_index, reduction="none")
-    return reduce_rows(rows.float(), count_valid(y, ignore_index), reduction, labels.shape)
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 -> float32; float64 stays
+    return reduce_rows(rows, count_valid(y, ignore_index), reduction, labels.shape)
 
 
 def ga_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
@@ -356,6 +358,9 @@ def retain_term(*, fused: bool = False) -> ForgetTerm:
     (``logprob=True``), so the retain batches do not build the (B, T, V) logits either."""
     if fused:
         return lambda model, batch: -token_logprobs(model, batch, fused=True)[0].sum()
-    return lambda model, batch: retain_loss(
-        *shift_causal(model(**batch, use_cache=False).logits, **batch), reduction="sum"
-    )
+
+    def term(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        logits = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, use_cache=False).logits  # no HF loss
+        return retain_loss(*shift_causal(logits, **batch), reduction="sum")  # labels (QA) here, not in the model
+
+    return term
