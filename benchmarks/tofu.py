@@ -265,6 +265,9 @@ def read_runs(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.data.is_dir():
+        print(f"tofu.py: skipped: the TOFU data folder {args.data} does not exist (--data)", file=sys.stderr)
+        return 0
     from fastunlearn.engine.progress import log_to_terminal
     from fastunlearn.models import cache_root
 
