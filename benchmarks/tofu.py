@@ -44,10 +44,10 @@ RETAIN_SPLIT = {"forget01": "retain99", "forget05": "retain95", "forget10": "ret
 METHODS = ("FILA + IHL", "LoRA + IHL", "LoRA + GD", "GD", "GA")  # run in this order: the paper's method first
 # sized for 2 shared CPU cores (see the README of benchmarks/results/tofu): one forget author, few questions, the
 # hook's evaluation at the last epoch only; --gpu-scale is the paper's protocol
-CPU_DEFAULTS = {"forget_authors": 1, "retain_authors": 2, "eval_questions": 8, "ft_epochs": 3, "max_new_tokens": 32,
-                "eval_epochs": "last"}  # fmt: skip
-GPU_SCALE = {"forget_authors": None, "retain_authors": None, "eval_questions": None, "ft_epochs": 5,
-             "max_new_tokens": None, "eval_epochs": None}  # fmt: skip
+CPU_DEFAULTS = {"forget_authors": 1, "forget_pairs": 10, "retain_authors": 1, "eval_questions": 8, "ft_epochs": 2,
+                "ft_batch": 4, "max_new_tokens": 32, "eval_epochs": "last", "threads": 1}  # fmt: skip
+GPU_SCALE = {"forget_authors": None, "forget_pairs": None, "retain_authors": None, "eval_questions": None,
+             "ft_epochs": 5, "ft_batch": 32, "max_new_tokens": None, "eval_epochs": None, "threads": None}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,19 +59,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-scale", action="store_true", help="full TOFU: every author, forget01/05/10, all questions")
     p.add_argument("--splits", nargs="+", default=None, help="forget splits (forget01; --gpu-scale: all three)")
     p.add_argument("--forget-authors", type=int, help="authors of the forget split unlearned (CPU: 2 = forget01)")
-    p.add_argument("--retain-authors", type=int, help="retain authors fine-tuned on (CPU: 2)")
+    p.add_argument("--forget-pairs", type=int, help="then only the first N of those pairs (CPU: 10)")
+    p.add_argument("--retain-authors", type=int, help="retain authors fine-tuned on (CPU: 1)")
     p.add_argument("--eval-questions", type=int, help="questions per evaluation set (CPU: 20)")
     p.add_argument("--eval-epochs", type=int, nargs="+", help="epochs the hook evaluates (CPU: 5; GPU: every one)")
     p.add_argument("--max-new-tokens", type=int, help="greedy answer length for ROUGE-L (CPU: 32; GPU: the answer's)")
     p.add_argument("--template", default="plain", help="QA prompt: plain (TOFU's Phi-1.5 format) or chat")
-    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs (TOFU: 5; CPU: 3)")
+    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs (TOFU: 5; CPU: 2)")
     p.add_argument("--ft-lr", type=float, default=2e-4, help="fine-tuning peak lr (TOFU: 1e-5 for Llama-2-7B)")
-    p.add_argument("--ft-batch", type=int, default=8, help="fine-tuning rows per update (TOFU: 32)")
+    p.add_argument("--ft-batch", type=int, help="fine-tuning rows per update (TOFU: 32; CPU: 4)")
     p.add_argument("--epochs", type=int, default=5, help="unlearning epochs (TOFU: 5)")
     p.add_argument("--lr-scale", type=float, default=2.0, help="x the paper's lr (5e-5 full, 2e-4 LoRA / FILA) (2)")
     p.add_argument("--rank", type=int, default=16, help="LoRA / FILA rank (alpha = 2 x rank)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
     p.add_argument("--batch-size", type=int, default=20, help="sequences per forward in evaluation")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (CPU: 1, which wastes no time spinning when the cores are shared)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     given = {name for name in CPU_DEFAULTS if getattr(args, name) is not None}
@@ -105,7 +111,7 @@ def load_data(args, split: str, tokenizer) -> dict:
     from fastunlearn.tofu import load_tofu_sets
 
     sets = load_tofu_sets(args.data, split)
-    forget = first_authors(sets["forget"], args.forget_authors)
+    forget = first_authors(sets["forget"], args.forget_authors)[: args.forget_pairs]
     retain = first_authors(load_qa(args.data / f"{RETAIN_SPLIT[split]}.json", role="TOFU retain split"),
                            args.retain_authors)  # fmt: skip
     trained = {p.question for p in retain}
@@ -220,6 +226,7 @@ def run_split(split: str, args, cache: Path, runs_file: Path) -> None:
     _, tokenizer = base_model(args)
     data = load_data(args, split, tokenizer)
     settings = {"model": args.model or "real_model", "split": split, "forget_authors": args.forget_authors,
+                "forget_pairs": args.forget_pairs,
                 "retain_authors": args.retain_authors,
                 "template": args.template, "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr,
                 "ft_batch": args.ft_batch, "seed": args.seed}  # fmt: skip
@@ -272,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     from fastunlearn.models import cache_root
 
     log_to_terminal()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.getLogger("fastunlearn").propagate = False  # its lines once, through log_to_terminal's handler
     cache = args.cache or cache_root() / "tofu"
     args.out.mkdir(parents=True, exist_ok=True)
