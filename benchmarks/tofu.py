@@ -43,9 +43,9 @@ PAIRS_PER_AUTHOR = 20  # TOFU: 20 question/answer pairs per fictitious author, s
 RETAIN_SPLIT = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 METHODS = ("FILA + IHL", "LoRA + IHL", "LoRA + GD", "GD", "GA")  # run in this order: the paper's method first
 # sized for 2 shared CPU cores (see the README of benchmarks/results/tofu): one forget author, few questions, the
-# hook's evaluation at the last epoch only; --gpu-scale is the paper's protocol
+# hook's evaluation at epochs 1, 3, 5; --gpu-scale is the paper's protocol
 CPU_DEFAULTS = {"forget_authors": 1, "forget_pairs": 10, "retain_authors": 1, "eval_questions": 8, "ft_epochs": 2,
-                "ft_batch": 4, "max_new_tokens": 32, "eval_epochs": "last", "threads": 1}  # fmt: skip
+                "ft_batch": 4, "max_new_tokens": 32, "eval_epochs": "odd", "threads": 1}  # fmt: skip
 GPU_SCALE = {"forget_authors": None, "forget_pairs": None, "retain_authors": None, "eval_questions": None,
              "ft_epochs": 5, "ft_batch": 32, "max_new_tokens": None, "eval_epochs": None, "threads": None}  # fmt: skip
 
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forget-pairs", type=int, help="then only the first N of those pairs (CPU: 10)")
     p.add_argument("--retain-authors", type=int, help="retain authors fine-tuned on (CPU: 1)")
     p.add_argument("--eval-questions", type=int, help="questions per evaluation set (CPU: 20)")
-    p.add_argument("--eval-epochs", type=int, nargs="+", help="epochs the hook evaluates (CPU: 5; GPU: every one)")
+    p.add_argument("--eval-epochs", type=int, nargs="+", help="epochs the hook evaluates (CPU: 1 3 5; GPU: all)")
     p.add_argument("--max-new-tokens", type=int, help="greedy answer length for ROUGE-L (CPU: 32; GPU: the answer's)")
     p.add_argument("--template", default="plain", help="QA prompt: plain (TOFU's Phi-1.5 format) or chat")
     p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs (TOFU: 5; CPU: 2)")
@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for split in args.splits:
         if split not in RETAIN_SPLIT:
             raise SystemExit(f"--splits: {split!r} is not one of {', '.join(RETAIN_SPLIT)}")
-    if args.eval_epochs == "last":
-        args.eval_epochs = [args.epochs]
+    if args.eval_epochs == "odd":  # 1, 3, 5 and the last
+        args.eval_epochs = [*range(1, args.epochs + 1, 2), args.epochs]
     args.eval_epochs = sorted(set(args.eval_epochs or range(1, args.epochs + 1)))
     if not set(args.eval_epochs) <= set(range(1, args.epochs + 1)):
         raise SystemExit(f"--eval-epochs must be within 1..{args.epochs}, got {args.eval_epochs}")

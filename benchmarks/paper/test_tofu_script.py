@@ -37,12 +37,12 @@ def test_absent_data_folder_skips_with_a_clear_message(tmp_path):
 def test_cpu_defaults_and_gpu_scale(tmp_path):
     cpu = tofu.parse_args(["--data", str(tmp_path)])
     assert (cpu.splits, cpu.forget_authors, cpu.forget_pairs, cpu.eval_questions) == (["forget01"], 1, 10, 8)
-    assert (cpu.eval_epochs, cpu.threads, cpu.ft_batch) == ([5], 1, 4)
+    assert (cpu.eval_epochs, cpu.threads, cpu.ft_batch) == ([1, 3, 5], 1, 4)
     assert cpu.methods[0] == "FILA + IHL" and set(cpu.methods) == set(tofu.METHODS)
     gpu = tofu.parse_args(["--data", str(tmp_path), "--gpu-scale", "--eval-questions", "300"])
     assert gpu.splits == ["forget01", "forget05", "forget10"] and gpu.forget_authors is gpu.forget_pairs is None
     assert gpu.eval_questions == 300 and gpu.eval_epochs == [1, 2, 3, 4, 5] and gpu.max_new_tokens is None
-    assert tofu.parse_args(["--data", str(tmp_path), "--epochs", "3"]).eval_epochs == [3]
+    assert tofu.parse_args(["--data", str(tmp_path), "--epochs", "4"]).eval_epochs == [1, 3, 4]
     with pytest.raises(SystemExit):
         tofu.parse_args(["--data", str(tmp_path), "--eval-epochs", "6"])
     with pytest.raises(SystemExit):
