@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from .cli_finetune import add_parser as add_finetune_parser
+from .cli_tofu import add_tofu_args, run_tofu
 
 EXAMPLES = """examples:
   fastunlearn unlearn --model EleutherAI/gpt-neo-125m --forget forget.csv --retain wiki.txt \\
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   fastunlearn finetune --model microsoft/phi-1_5 --data tofu_full.json --qa --out runs/tofu-target
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
   fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt
+  fastunlearn eval --model runs/tofu-ihl/merged --tofu data/tofu --retain-model runs/retain99 --json tofu.json
   fastunlearn demo
   fastunlearn demo --real
 """
@@ -61,11 +63,12 @@ def _unlearn(args: argparse.Namespace) -> int:
     """One process, or every rank of a ``torchrun`` launch (each loads the model onto its own device)."""
     import torch.distributed as dist
 
-    from .data import load_unlearning_data
+    from .cli_data import check_qa_options, unlearning_data
     from .distributed import current, init_from_env
     from .engine import UnlearnConfig, unlearn
     from .engine.progress import log_to_terminal
 
+    check_qa_options(args)
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
     utility = named_sources(args.utility, "--utility")  # before any model loads
     config = UnlearnConfig(
@@ -87,10 +90,7 @@ def _unlearn(args: argparse.Namespace) -> int:
         device = "cpu"  # FSDP moves each block to this rank's GPU as it shards it (FILA's setup needs the model whole)
     try:
         model, tokenizer = _load_model(args.model, args.dtype, device)
-        data = load_unlearning_data(
-            tokenizer, args.forget, args.retain, args.heldout, seq_len=args.seq_len, text_field=args.text_field,
-            utility=utility,
-        )  # fmt: skip
+        data = unlearning_data(args, tokenizer, utility)  # text, or with --qa question/answer pairs
         result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
         is_main = current().is_main
     finally:
@@ -137,9 +137,12 @@ def _lm_eval_tasks(spec: str | None) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .cli_data import seq_len
     from .data import load_texts, tokenize_sequences
     from .metrics import evaluate
 
+    if args.tofu:
+        return run_tofu(args, _load_model)
     sets = named_sources(args.set, "--set")
     tasks = _lm_eval_tasks(args.lm_eval_tasks)
     if not sets and not tasks:
@@ -157,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
     if sets:
         tokens = {
             name: tokenize_sequences(load_texts(source, text_field=args.text_field, role=f"{name} set"), tokenizer,
-                                     seq_len=args.seq_len, role=f"{name} set").input_ids
+                                     seq_len=seq_len(args), role=f"{name} set").input_ids
             for name, source in sets.items()
         }  # fmt: skip
         results = evaluate(model, tokens, metrics=tuple(args.metrics.split(",")), n=args.el_n)
@@ -237,7 +240,7 @@ def _backends() -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local model directory (or a hub name already in the HF cache)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (float32)")
-    p.add_argument("--seq-len", type=int, default=200, help="tokens per sequence (200, as the paper)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (200 as the paper; unlearn --qa: longest pair)")
     p.add_argument("--text-field", default="text", help="column / field holding the text in csv / jsonl (text)")
 
 
@@ -256,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_model_args(p)
     p.add_argument("--forget", required=True, help="text to forget: .txt (one per line), .jsonl, .csv or a dataset")
+    p.add_argument("--qa", action="store_true", help="forget / retain / held-out are question/answer pairs (.json, "
+                   ".jsonl or a dataset with question, answer): losses and MA / EL on the answers only")  # fmt: skip
+    p.add_argument("--template", choices=("auto", "chat", "plain"), help="--qa prompt: the tokenizer's chat "
+                   "template, or plain 'Question: ...\\nAnswer:' (auto: chat if the tokenizer has one)")  # fmt: skip
     p.add_argument("--retain", help="text to keep (retain loss, FILA's retain Fisher, perplexity)")
     p.add_argument("--heldout", help="similar text the model never saw: its EL / MA are the target (a held-out "
                    "row that repeats forget text is refused)")  # fmt: skip
@@ -307,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")
     p.set_defaults(func=_unlearn)
 
-    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets, lm-eval downstream tasks")
+    p = sub.add_parser("eval", help="EL_10 / MA / perplexity of a model on text sets, lm-eval tasks, TOFU")
     _add_model_args(p)
     p.add_argument("--set", action="append", metavar="NAME=FILE", help="a set to measure (repeat)")
     p.add_argument("--metrics", default="ma,el,ppl", help="comma-separated: ma, el, ppl (all three)")
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of your own lm-eval task YAMLs "
                    "(their data_files: absolute paths)")  # fmt: skip
     p.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N examples of each task (a check)")
+    add_tofu_args(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="offline demo: a tiny model memorizes data, then FILA + IHL unlearns it")

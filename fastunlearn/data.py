@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._optional import missing
+from .objectives import answer_start
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -241,12 +242,21 @@ class SequenceSet:
 
     def check_el_length(self, name: str, el_n: int) -> None:
         """ValueError naming the set unless every sequence, without its padding, has more than ``el_n`` tokens
-        (EL_n scores the continuations of every prefix that leaves an n-gram to extract)."""
-        shortest = int(self.attention_mask.sum(1).min())
-        if shortest <= el_n:
-            raise ValueError(
-                f"{name} has a sequence of {shortest} tokens; EL_{el_n} (el_n={el_n}) needs at least {el_n + 1}"
-            )
+        (EL_n scores the continuations of every prefix that leaves an n-gram to extract); with ``labels``, unless
+        every answer (from its first labelled position to the end of the row) has at least ``el_n`` tokens."""
+        lengths = self.attention_mask.sum(1)
+        if self.labels is None:
+            shortest = int(lengths.min())
+            if shortest <= el_n:
+                raise ValueError(
+                    f"{name} has a sequence of {shortest} tokens; EL_{el_n} (el_n={el_n}) needs at least {el_n + 1}"
+                )
+            return
+        answers = lengths - answer_start(self.labels).clamp(min=1)  # (N,): tokens from the answer's start on
+        row = int(answers.argmin())
+        if int(answers[row]) < el_n:
+            raise ValueError(f"{name} row {row} has an answer of {max(int(answers[row]), 0)} labelled tokens; "
+                             f"EL_{el_n} (el_n={el_n}) needs answers of at least {el_n}")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,15 @@ def next_token_targets(
     return targets
 
 
+def answer_start(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """(...,) int64: the first position of each row of ``labels`` (..., T) that is not ``ignore_index`` (T where
+    none is). For a question/answer row (``fastunlearn.qa``), where the answer starts: x_<a is the prompt, and
+    the first scored next-token target is x_a, predicted from the prompt alone."""
+    T = labels.shape[-1]
+    positions = torch.arange(T, device=labels.device).expand_as(labels)
+    return torch.where(labels != ignore_index, positions, T).min(-1).values
+
+
 def count_targets(
     input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int = -100
 ) -> Tensor:
@@ -283,36 +292,55 @@ def simnpo_loss(
     return _reduce_sequences(rows, counted, reduction)
 
 
-def count_sequences(input_ids: Tensor, attention_mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+def count_sequences(
+    input_ids: Tensor, attention_mask: Tensor | None = None, ignore_index: int = -100, labels: Tensor | None = None
+) -> Tensor:
     """How many sequences (rows of ``input_ids`` (B, T)) have at least one next-token target (int64 scalar)."""
-    targets = next_token_targets(input_ids, attention_mask, None, ignore_index)
+    targets = next_token_targets(input_ids, attention_mask, labels, ignore_index)
     return (targets != ignore_index).any(-1).sum()
 
 
-def forget_units(forget_loss: str, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+def forget_units(
+    forget_loss: str, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
+) -> Tensor:
     """What a forget term's sum runs over, counted: next-token targets (token losses) or sequences with at least
-    one target (sequence losses). The engine divides the summed term by the epoch's count."""
+    one target (sequence losses); ``labels`` (B, T) or None as in :func:`next_token_targets`. The engine divides
+    the summed term by the epoch's count."""
     if forget_loss in SEQUENCE_LOSSES:
-        return count_sequences(input_ids, attention_mask)
-    return count_targets(input_ids, attention_mask)
+        return count_sequences(input_ids, attention_mask, labels=labels)
+    return count_targets(input_ids, attention_mask, labels)
 
 
 # (model, batch) -> the forget term summed over the batch's next-token targets (token losses) or sequences
-# (sequence losses); the batch is a dict with input_ids and attention_mask (B, T), and for NPO "reference" (B,),
-# the reference model's sequence log-likelihoods.
+# (sequence losses); the batch is a dict with input_ids and attention_mask (B, T), optionally "labels" (B, T)
+# (HF style, -100 where nothing counts: a question/answer pair's prompt), and for NPO "reference" (B,), the
+# reference model's sequence log-likelihoods.
 ForgetTerm = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 MODEL_KEYS = ("input_ids", "attention_mask")
+LABELS_KEY = "labels"
 REFERENCE_KEY = "reference"
 
 
+def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's inputs of an engine batch (no ``labels``: the model would compute its own loss with them)."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def batch_targets(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` of a batch (those present): what :func:`shift_causal` and
+    :func:`next_token_targets` take by keyword."""
+    return {k: batch[k] for k in (*MODEL_KEYS, LABELS_KEY) if batch.get(k) is not None}
+
+
 def token_logprobs(model: nn.Module, batch: Mapping[str, Tensor], *, fused: bool = False) -> tuple[Tensor, Tensor]:
-    """(per-token log p(next token) (B, T - 1) float32, targets (B, T - 1)) of a causal LM on ``batch``.
-    ``fused``: through a model patched by :func:`fastunlearn.fused_lm.patch_fused_ihl` (``logprob=True``: from
-    the last hidden states, no logits)."""
-    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-    targets = next_token_targets(inputs["input_ids"], inputs.get("attention_mask"))
+    """(per-token log p(next token) (B, T - 1) float32, targets (B, T - 1)) of a causal LM on ``batch``; the
+    targets follow ``batch["labels"]`` when present. ``fused``: through a model patched by
+    :func:`fastunlearn.fused_lm.patch_fused_ihl` (``logprob=True``: from the last hidden states, no logits)."""
+    inputs, labels = model_inputs(batch), batch.get(LABELS_KEY)
+    targets = next_token_targets(inputs["input_ids"], inputs.get("attention_mask"), labels)
     if fused:
-        return model(**inputs, logprob=True).logprobs, targets
+        extra = {} if labels is None else {"labels": labels}
+        return model(**inputs, **extra, logprob=True).logprobs, targets
     logits = model(**inputs, use_cache=False).logits
     return token_logprob(logits[..., :-1, :], targets), targets
 
@@ -334,11 +362,16 @@ def forget_term(
     if forget_loss in SEQUENCE_LOSSES:
         return lambda model, batch: _sequence_term(model, batch, forget_loss, fused, beta, gamma)
     if fused and forget_loss == "ihl":
-        return lambda model, batch: model(**batch, ihl=True, reduction="sum").loss
+        return lambda model, batch: model(**batch_targets(batch), ihl=True, reduction="sum").loss
     if fused:  # GA: -CE summed over the targets = the sum of their log-probabilities (0 at ignored targets)
         return lambda model, batch: token_logprobs(model, batch, fused=True)[0].sum()
     loss_fn = ihl_loss if forget_loss == "ihl" else ga_loss
-    return lambda model, batch: loss_fn(*shift_causal(model(**batch, use_cache=False).logits, **batch), reduction="sum")
+    return lambda model, batch: loss_fn(*_shifted_logits(model, batch), reduction="sum")
+
+
+def _shifted_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`shift_causal` of the model's logits on ``batch`` (its ``labels``, when present, give the targets)."""
+    return shift_causal(model(**model_inputs(batch), use_cache=False).logits, **batch_targets(batch))
 
 
 def _sequence_term(model, batch, forget_loss: str, fused: bool, beta: float | None, gamma: float | None) -> Tensor:
@@ -358,9 +391,4 @@ def retain_term(*, fused: bool = False) -> ForgetTerm:
     (``logprob=True``), so the retain batches do not build the (B, T, V) logits either."""
     if fused:
         return lambda model, batch: -token_logprobs(model, batch, fused=True)[0].sum()
-
-    def term(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        logits = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, use_cache=False).logits  # no HF loss
-        return retain_loss(*shift_causal(logits, **batch), reduction="sum")  # labels (QA) here, not in the model
-
-    return term
+    return lambda model, batch: retain_loss(*_shifted_logits(model, batch), reduction="sum")

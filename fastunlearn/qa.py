@@ -5,6 +5,7 @@
 - ``prompt_and_answer``: the two strings of one pair. With ``template="chat"`` (the default ``"auto"`` picks it
   when the tokenizer has a chat template) the prompt is the tokenizer's chat template of the user turn with the
   generation prompt, and the answer is the assistant text; with ``"plain"`` it is ``PLAIN_PROMPT``.
+- ``load_qa_data``: both steps for the forget, retain and held-out sets (``fastunlearn unlearn --qa``).
 - ``tokenize_qa``: a ``SequenceSet`` whose ``labels`` are -100 on the prompt and the padding, so every loss (IHL,
   GA, NPO, the retain LM loss), the Fisher of FILA and the metrics (MA, EL, answer NLL) cover answer tokens only.
 
@@ -17,14 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .data import SequenceSet, _special_id
+from .data import SequenceSet, UnlearningData, _special_id, load_texts, tokenize_sequences
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -180,3 +181,40 @@ def tokenize_qa(
         attention_mask[row, : len(ids)] = 1
         labels[row, n_prompt : len(ids)] = input_ids[row, n_prompt : len(ids)]
     return SequenceSet(input_ids, attention_mask, torch.arange(len(rows)), labels)
+
+
+def load_qa_data(
+    tokenizer: PreTrainedTokenizerBase,
+    forget: str | os.PathLike | Sequence[dict],
+    retain: str | os.PathLike | Sequence[dict] | None = None,
+    heldout: str | os.PathLike | Sequence[dict] | None = None,
+    *,
+    seq_len: int | None = None,
+    template: str = "auto",
+    question_field: str = "question",
+    answer_field: str = "answer",
+    split: str = "train",
+    utility: Mapping[str, str | os.PathLike | Sequence[str]] | None = None,
+    utility_seq_len: int = 200,
+    text_field: str = "text",
+) -> UnlearningData:
+    """The question/answer form of ``data.load_unlearning_data``: each given set read with :func:`load_qa` and
+    tokenized with :func:`tokenize_qa` (``seq_len`` None: each set padded to its longest pair), errors naming
+    the set. ``utility`` sets ({name: source}) are plain text (``data.load_texts``), packed into
+    ``utility_seq_len``-token blocks: their perplexity is what unlearning costs the model on text."""
+    template = resolve_template(tokenizer, template)  # checked before any file is read
+    fields = {"question_field": question_field, "answer_field": answer_field, "split": split}
+    sets = {}
+    for name, source in (("forget", forget), ("retain", retain), ("heldout", heldout)):
+        if source is not None:
+            role = f"{name} set"
+            pairs = load_qa(source, **fields, role=role)
+            sets[name] = tokenize_qa(pairs, tokenizer, seq_len=seq_len, template=template, role=role)
+    if utility:
+        sets["utility"] = {}
+        for name, source in utility.items():
+            role = f"utility set {name}"
+            texts = load_texts(source, text_field=text_field, split=split, role=role)
+            sets["utility"][name] = tokenize_sequences(texts, tokenizer, seq_len=utility_seq_len, mode="pack",
+                                                       role=role)  # fmt: skip
+    return UnlearningData(**sets)

@@ -78,11 +78,26 @@ def fila_case(work: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora" in k or "base.weight" in k}
 
 
-def unlearn_case(work: Path, config: dict, interrupt_at: int | None = None) -> dict[str, torch.Tensor]:
+def qa_rows(ids: torch.Tensor) -> SequenceSet:
+    """``ids`` as question/answer rows: labels -100 on each row's first 2 + i % 4 tokens (the prompt) and on
+    padding (the last 2 tokens of every third row)."""
+    mask = torch.ones_like(ids)
+    mask[::3, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    for i in range(len(ids)):
+        labels[i, : 2 + i % 4] = -100
+    return SequenceSet(ids, mask, torch.arange(len(ids)), labels)
+
+
+def unlearn_case(
+    work: Path, config: dict, interrupt_at: int | None = None, qa: bool = False
+) -> dict[str, torch.Tensor]:
     """An unlearning run of the memorizer saved in ``work``; rank 0 returns its log (as JSON bytes) and
-    the merged model it wrote. ``interrupt_at``: stop the run by an error after that epoch (checkpoint kept)."""
+    the merged model it wrote. ``interrupt_at``: stop the run by an error after that epoch (checkpoint kept).
+    ``qa``: every set read as question/answer rows (``qa_rows``: labels, padding)."""
     model = _load_model(work).to(device())
-    sets = {k: SequenceSet(v, torch.ones_like(v), torch.arange(len(v))) for k, v in load_file(work / "data.st").items()}
+    as_set = qa_rows if qa else (lambda v: SequenceSet(v, torch.ones_like(v), torch.arange(len(v))))
+    sets = {k: as_set(v) for k, v in load_file(work / "data.st").items()}
     data = UnlearningData(sets["forget"], sets["retain"], sets["heldout"])
 
     def interrupt(task: int, record: dict) -> None:

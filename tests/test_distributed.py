@@ -146,6 +146,27 @@ def test_unlearning_two_processes_matches_one(memorizer_dir, tmp_path, parallel)
     _assert_same_run(got, expected)
 
 
+@pytest.mark.parametrize("loss", ["ihl", "npo"])
+def test_qa_unlearning_two_processes_matches_one(memorizer_dir, tmp_path, loss):
+    """Question/answer rows (labels -100 on prompts and padding) under DDP: the ranks' micro-batches carry their
+    labels, the token / sequence counts are the answer's, and sharded MA / EL are measured on the answers."""
+    config = {
+        **RUN,
+        "forget_loss": loss,
+        "eval_retain_ppl": True,
+        **({"max_epochs": 2, "min_epochs": 2} if loss == "npo" else {}),
+    }
+    expected = run_here("unlearn", _fresh(memorizer_dir, tmp_path / "one"), config=config, qa=True)
+    got = spawn("unlearn", _fresh(memorizer_dir, tmp_path / "two"), config=config, qa=True)
+    if loss == "ihl":
+        _assert_same_run(got, expected)
+        return
+    got_log, expected_log = (json.loads(bytes(r.pop("log").tolist())) for r in (got, expected))
+    (one, *_), (two, *_) = (log["tasks"][0]["epochs"] for log in (expected_log, got_log))
+    for key in ("forget_loss", "retain_loss", "grad_norm", "forget_loss_range", "forget_ma"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
 def test_checkpoint_of_two_processes_resumes_in_one(memorizer_dir, tmp_path):
     config = {**RUN, "parallel": "fsdp"}
     expected = run_here("unlearn", _fresh(memorizer_dir, tmp_path / "one"), config=config)

@@ -24,7 +24,7 @@ OPS = {
     "_validate", "_dispatch", "_optional", "_atomic", "_ihl_torch", "_fisher_torch", "_C", "ihl", "fused_linear",
     "objectives", "targets", "distributed", "lowrank", "logprob", "_logprob_torch",
 }  # fmt: skip
-TOP = {"cli", "cli_finetune", "__main__", "demo", "demo_cache", "demo_real", "integrations"}
+TOP = {"cli", "cli_data", "cli_finetune", "cli_tofu", "__main__", "demo", "demo_cache", "demo_real", "integrations"}
 
 
 def level(module: str) -> int:

@@ -22,21 +22,22 @@ from .inputs import n_targets
 
 
 def forget_batches(forget: SequenceSet, reference, cfg: UnlearnConfig, generator) -> list[dict]:
-    """The epoch's forget micro-batches; with ``reference`` (N,) (NPO) each also holds its rows' values under
-    ``REFERENCE_KEY``. The rows are drawn exactly as ``iterate_batches(forget, ...)`` draws them."""
+    """The epoch's forget micro-batches (``SequenceSet.batch``: with ``labels`` when the set has them); with
+    ``reference`` (N,) (NPO) each also holds its rows' values under ``REFERENCE_KEY``. The rows are drawn
+    exactly as ``iterate_batches(forget, ...)`` draws them."""
     if reference is None:
         return list(iterate_batches(forget, cfg.micro_batch_size, shuffle=True, generator=generator))
     rows = torch.arange(len(forget))
     index = SequenceSet(rows[:, None], torch.ones(len(forget), 1, dtype=torch.int64), rows)  # (N, 1): row numbers
     chunks = iterate_batches(index, cfg.micro_batch_size, shuffle=True, generator=generator)  # the same draw
-    return [{"input_ids": forget.input_ids[i], "attention_mask": forget.attention_mask[i], REFERENCE_KEY: reference[i]}
-            for i in (chunk["input_ids"][:, 0] for chunk in chunks)]  # fmt: skip
+    return [{**forget.batch(i), REFERENCE_KEY: reference[i]} for i in (chunk["input_ids"][:, 0] for chunk in chunks)]
 
 
 def forget_units(batch: dict, cfg: UnlearnConfig) -> int:
     """What the forget term of a micro-batch sums over (``objectives.forget_units``: next-token targets for IHL
-    and GA, sequences with at least one target for NPO and SimNPO), counted where the batch lives."""
-    return int(count_forget_units(cfg.forget_loss, batch["input_ids"], batch["attention_mask"]))
+    and GA, sequences with at least one target for NPO and SimNPO; only labelled ones when the batch has
+    ``labels``), counted where the batch lives."""
+    return int(count_forget_units(cfg.forget_loss, batch["input_ids"], batch["attention_mask"], batch.get("labels")))
 
 
 def epoch_pairs(forget, retain, cfg: UnlearnConfig, generator, reference=None) -> list[tuple[dict, dict | None]]:

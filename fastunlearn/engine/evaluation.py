@@ -15,6 +15,7 @@ from .. import _parallel
 from .. import distributed as dist_utils
 from ..data import SequenceSet
 from ..metrics import extraction_likelihood, memorization_accuracy, sequence_nll
+from ..objectives import answer_start
 from .cache import HeldoutCache
 from .config import UnlearnConfig
 from .inputs import set_name
@@ -65,10 +66,12 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
             phase: str = "") -> dict:  # fmt: skip
     """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, ``cfg.stop`` is "epochs" (no criterion needs
     it; EL costs most), or ``limit`` is given and MA is above it (then None). ``phase`` names the set in progress
-    lines ("baseline: held-out set" -> "... MA 3/8 batches")."""
+    lines ("baseline: held-out set" -> "... MA 3/8 batches"). A set with ``labels`` (question/answer pairs) is
+    measured on its answers: MA over the labelled positions, EL_n over the prefixes prompt + answer[:k]
+    (``fastunlearn.metrics``)."""
     batch = cfg.eval_batch_size
     ma = per_sequence(
-        lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, batch_size=batch),
+        lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, labels=s.labels, batch_size=batch),
         seqs, model, cfg, f"{phase} MA",
     )  # fmt: skip
     ma = ma.mean().item()
@@ -76,7 +79,8 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
         return {"ma": ma, "el": None}
     el = per_sequence(
         lambda s: extraction_likelihood(
-            model, s.input_ids, cfg.el_n, attention_mask=s.attention_mask, batch_size=batch
+            model, s.input_ids, cfg.el_n, attention_mask=s.attention_mask, batch_size=batch,
+            answer_start=None if s.labels is None else answer_start(s.labels),
         ),
         seqs, model, cfg, f"{phase} EL_{cfg.el_n}",
     )  # fmt: skip
@@ -85,11 +89,14 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
 
 def sample_ppl(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, phase: str) -> float:
     """exp(sum of next-token NLL / number of targets) over the ``ppl_sample`` of ``seqs``, padding removed
-    (token-weighted, as ``metrics.sequence_nll`` counts); progress lines of ``phase``."""
+    (token-weighted, as ``metrics.sequence_nll`` counts; only the labelled targets of a set with ``labels``);
+    progress lines of ``phase``."""
 
     def nll_and_count(part: SequenceSet) -> torch.Tensor:  # (n, 2) float64
-        rows = [ids[: int(mask.sum())] for ids, mask in zip(part.input_ids, part.attention_mask)]
-        nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size)
+        lengths = [int(mask.sum()) for mask in part.attention_mask]
+        rows = [ids[:n] for ids, n in zip(part.input_ids, lengths)]
+        labels = None if part.labels is None else [y[:n] for y, n in zip(part.labels, lengths)]
+        nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size, labels=labels)
         return torch.stack([nll, count.double()], dim=1)
 
     rows = per_sequence(nll_and_count, ppl_sample(seqs, cfg), model, cfg, phase)

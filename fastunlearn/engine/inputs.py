@@ -21,8 +21,9 @@ def set_name(task: int, n_tasks: int) -> str:
 
 
 def n_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Next-token targets of a batch (``objectives.next_token_targets``), counted where the batch lives."""
-    return int(count_targets(batch["input_ids"], batch["attention_mask"]))
+    """Next-token targets of a batch (``objectives.next_token_targets``: only labelled ones when the batch has
+    ``labels``), counted where the batch lives."""
+    return int(count_targets(batch["input_ids"], batch["attention_mask"], batch.get("labels")))
 
 
 def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet | None, SequenceSet | None]:
@@ -85,7 +86,9 @@ def utility_sets(data) -> dict[str, SequenceSet]:
 # token removes at most 8 of a row's n-grams, so a 200-token row with 2 changed tokens still counts). Such a row
 # is text the model memorized, so the held-out level that the criterion copies would be a memorized level and
 # the run would "succeed" at once. Shared boilerplate stays below: between the paper's disjoint TDEC samples
-# (MIT license headers) the highest fraction is 0.80 (word-level tokens).
+# (MIT license headers) the highest fraction is 0.80 (word-level tokens). In a set with labels (question/answer
+# pairs) only windows of labelled tokens count, since MA and EL score the answers: a held-out answer repeating a
+# forget answer overlaps whatever its question, while a shared prompt template does not.
 OVERLAP_N = 8
 OVERLAP_FRACTION = 0.9
 HASH_PRIME, HASH_BASES = 2**31 - 1, (1_000_003, 998_244_353)
@@ -99,8 +102,11 @@ def _ngram_hashes(seqs: SequenceSet) -> tuple[torch.Tensor, torch.Tensor]:
     """(hashes (N, W) int64, valid (N, W) bool) of every OVERLAP_N-token window, W = L - OVERLAP_N + 1; a window
     is valid when it holds no padding. Two polynomial hashes mod the prime 2^31 - 1 side by side in one int64
     (no product overflows): the same n-gram always gets the same hash, two different ones collide with
-    probability ~2^-62, which could only over-report an overlap."""
+    probability ~2^-62, which could only over-report an overlap. With ``labels``, a window is valid when all its
+    tokens are labelled."""
     ids, mask = seqs.input_ids, seqs.attention_mask
+    if seqs.labels is not None:
+        mask = mask.bool() & (seqs.labels != -100)
     if ids.shape[1] < OVERLAP_N:
         empty = torch.zeros(len(ids), 0, dtype=torch.int64)
         return empty, empty.bool()
@@ -150,7 +156,8 @@ def check_heldout_overlap(tasks: list[SequenceSet], heldout: SequenceSet) -> Non
 def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet | None,
                 heldout: SequenceSet | None, utility: dict[str, SequenceSet] | None = None) -> None:  # fmt: skip
     """Before any compute: ValueError naming the first parameter with a NaN / inf value (a host sync per
-    parameter, once per run), or the first set with a token id outside the model's input embedding rows."""
+    parameter, once per run), or the first set with a token id (or label other than -100) outside the model's
+    input embedding rows."""
     for name, param in model.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
             n_nan, n_inf = int(torch.isnan(param).sum()), int(torch.isinf(param).sum())
@@ -163,16 +170,27 @@ def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet 
     for name, seqs in [*sets, ("retain set", retain), ("held-out set", heldout)]:
         if seqs is not None:
             check_token_ids(model, seqs.input_ids, name)
+            if seqs.labels is not None:  # -100 (not scored) or a token id
+                check_token_ids(model, seqs.labels[seqs.labels != -100], f"{name} labels")
 
 
 def batch(seqs: SequenceSet) -> dict[str, torch.Tensor]:
-    return {"input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask}
+    """The whole set as one batch: ``SequenceSet.batch`` (``labels`` included when the set has them)."""
+    return seqs.batch()
 
 
 def fingerprint(sets: Sequence[SequenceSet | None]) -> str:
+    """sha256 of each set's ids and mask, then, for a set with ``labels``, a tag and the labels (a set without
+    labels hashes as it always did, so earlier checkpoints and caches still match)."""
     digest = hashlib.sha256()
     for seqs in sets:
-        for t in (None,) if seqs is None else (seqs.input_ids, seqs.attention_mask):
+        tensors = (None,) if seqs is None else (seqs.input_ids, seqs.attention_mask)
+        if seqs is not None and seqs.labels is not None:
+            tensors += (b"labels", seqs.labels)
+        for t in tensors:
+            if isinstance(t, bytes):
+                digest.update(t)
+                continue
             digest.update(b"none" if t is None else repr(tuple(t.shape)).encode() + t.contiguous().numpy().tobytes())
     return digest.hexdigest()
 

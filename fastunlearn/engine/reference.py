@@ -27,9 +27,9 @@ PREFIX = "reference."  # checkpoint tensor names: reference.<task index>
 
 def sequence_logprobs(model: nn.Module, seqs: SequenceSet, batch_size: int = 32, *, fused: bool = False) -> Tensor:
     """(N,) float32 on the CPU: log pi(y|x) of each sequence of ``seqs``, the sum of log p(next token) over its
-    next-token targets (padding excluded), by ``model`` in eval mode with its LoRA adapters disabled, without
-    gradients. ``fused``: from the last hidden states (:func:`fastunlearn.fused_lm.fused_causal_lm_logprob`),
-    as a fused NPO run computes log pi_theta."""
+    next-token targets (padding excluded; only the labelled ones, the answer, when ``seqs`` has labels), by
+    ``model`` in eval mode with its LoRA adapters disabled, without gradients. ``fused``: from the last hidden
+    states (:func:`fastunlearn.fused_lm.fused_causal_lm_logprob`), as a fused NPO run computes log pi_theta."""
     device = next(model.parameters()).device
     was_training = model.training
     values = []
@@ -39,7 +39,8 @@ def sequence_logprobs(model: nn.Module, seqs: SequenceSet, batch_size: int = 32,
             for batch in iterate_batches(seqs, batch_size):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if fused:
-                    token_logp = fused_causal_lm_logprob(model, batch["input_ids"], batch["attention_mask"])
+                    token_logp = fused_causal_lm_logprob(model, batch["input_ids"], batch["attention_mask"],
+                                                         labels=batch.get("labels"))  # fmt: skip
                 else:
                     token_logp = token_logprobs(model, batch)[0]
                 values.append(token_logp.sum(-1).cpu())  # (B, T - 1) -> (B,): ignored targets hold exactly 0

@@ -14,6 +14,11 @@ For a sequence x = (x_0, ..., x_{T-1}) and a causal LM, g_t = argmax p(. | x_<t)
   ``eos_token_id``: a continuation ends at its first EOS (kept), as ``generate`` stops there; its n-grams
   are those of the tokens up to it. (Jang et al. pad finished rows with EOS up to the batch's length, which
   adds EOS-padded n-grams that match only a suffix holding the same EOS run.) None: never stop.
+- **Question/answer sets** (``fastunlearn.qa``: labels -100 on the prompt): MA counts only the labelled
+  positions (``labels=``), each answer token predicted from the prompt and the answer before it; EL_n scores
+  only the prefixes prompt + answer[:k] (``answer_start=``, a = the answer's first position), continuations
+  compared with the rest of the answer: EL_n = sum_{t=a}^{T-n} overlap_t / (T - n - a + 1) (a = 1: the above).
+  The engine passes both when a ``SequenceSet`` has labels, and counts answer tokens only in perplexity.
 - **Perplexity**: exp(sum of next-token NLL / number of predicted tokens) over a set of sequences. A sequence
   longer than ``context`` is scored in windows of ``context`` tokens starting every ``stride`` tokens; each
   window scores only the tokens after the previous window's end (the HF perplexity guide): every token but

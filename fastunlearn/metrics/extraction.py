@@ -44,9 +44,10 @@ _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutpu
 
 
 def _el_by_length(model: nn.Module, input_ids, attention_mask, n: int, eos_token_id, batch_size: int, desc: str,
-                  batch_el: Callable[[Tensor], list[float]]) -> Tensor:  # fmt: skip
-    """Checks the EL arguments, then fills EL (N,) float64 with ``batch_el`` of ``batch_size`` sequences of equal
-    length at a time, on the model's device: padding (right side only) is removed and sequences grouped by length."""
+                  batch_el: Callable[[Tensor, list[int]], list[float]], answer_start=None) -> Tensor:  # fmt: skip
+    """Checks the EL arguments, then fills EL (N,) float64 with ``batch_el(x, starts)`` of ``batch_size``
+    sequences of equal length at a time, on the model's device: padding (right side only) is removed and
+    sequences grouped by length. ``starts``: each row's first scored prefix length (1, or its answer start)."""
     check_int("n", n, 1)
     check_int("batch_size", batch_size, 1)
     if eos_token_id is not None and not is_int(eos_token_id):
@@ -60,6 +61,20 @@ def _el_by_length(model: nn.Module, input_ids, attention_mask, n: int, eos_token
         lengths = mask.sum(1)
         if not torch.equal(mask, torch.arange(ids.shape[1]) < lengths[:, None]):
             raise ValueError("attention_mask must be right padding (each row ones, then zeros) for EL")
+    starts = torch.ones(len(ids), dtype=torch.int64)
+    if answer_start is not None:
+        answer_start = torch.as_tensor(answer_start).cpu()
+        if answer_start.shape != (len(ids),) or answer_start.dtype.is_floating_point:
+            raise ValueError(f"answer_start must be (N,) = ({len(ids)},) integer positions, got "
+                             f"{answer_start.dtype} of shape {tuple(answer_start.shape)}")  # fmt: skip
+        starts = answer_start.long().clamp(min=1)  # the first token is never predicted
+        short = (lengths - starts < n).nonzero().flatten()
+        if len(short):
+            i = int(short[0])
+            raise ValueError(
+                f"EL_n with n={n} needs answers of at least n = {n} tokens (a suffix of n tokens after the prompt), "
+                f"sequence {i} has {max(int(lengths[i] - starts[i]), 0)} from its answer start {int(answer_start[i])}"
+            )
     short = (lengths <= n).nonzero().flatten()
     if len(short):
         raise ValueError(
@@ -71,16 +86,18 @@ def _el_by_length(model: nn.Module, input_ids, attention_mask, n: int, eos_token
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
             for chunk in progress(rows.split(batch_size), desc, total=-(-len(rows) // batch_size)):
-                el[chunk] = torch.tensor(batch_el(ids[chunk, :length].to(device)), dtype=torch.float64)
+                values = batch_el(ids[chunk, :length].to(device), starts[chunk].tolist())
+                el[chunk] = torch.tensor(values, dtype=torch.float64)
     return el
 
 
-def _el_from_overlaps(hits: list[int], T: int, n: int) -> float:
-    """EL_n of one sequence from hits[t - 1] (t = 1..T-n), summed from the longest prefix down like Jang et al."""
+def _el_from_overlaps(hits: list[int], T: int, n: int, start: int = 1) -> float:
+    """EL_n of one sequence from hits[t - 1] (t = start..T-n), summed from the longest prefix down like Jang
+    et al.; ``start`` > 1: only prefixes of at least ``start`` tokens (the prompt plus answer[:t - start])."""
     total = 0.0
-    for t in reversed(range(1, T - n + 1)):
+    for t in reversed(range(start, T - n + 1)):
         total += hits[t - 1] / (T - t - n + 1)  # suffix x_>=t has T - t - n + 1 n-grams
-    return total / (T - n)
+    return total / (T - n - start + 1)
 
 
 def extraction_likelihood_reference(
@@ -89,22 +106,27 @@ def extraction_likelihood_reference(
     n: int = 10,
     *,
     attention_mask: Tensor | None = None,
+    answer_start: Tensor | None = None,
     eos_token_id: int | None = None,
     batch_size: int = 32,
 ) -> Tensor:
     """EL_n of each sequence (N,) float64 the straightforward way (Jang et al.): for each prefix length, one
     greedy ``model.generate`` call (KV cache) over ``batch_size`` sequences, n-grams as python tuples.
-    T - 1 generate calls per batch. See the module docstring for the definition and the EOS convention."""
+    T - 1 generate calls per batch. See the module docstring for the definition and the EOS convention;
+    ``answer_start`` as in :func:`extraction_likelihood`."""
 
-    def batch_el(x: Tensor) -> list[float]:
+    def batch_el(x: Tensor, starts: list[int]) -> list[float]:
         T, total = x.shape[1], [0.0] * len(x)
-        for t in progress(reversed(range(1, T)), "EL (generate per prefix)", total=T - 1):
+        first = min(starts)
+        for t in progress(reversed(range(first, T)), "EL (generate per prefix)", total=T - first):
             prompt = x[:, :t]
             out = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), max_length=T, do_sample=False, num_beams=1,
                 eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id,
             )  # fmt: skip
             for i, (pred, label) in enumerate(zip(out[:, t:].tolist(), x[:, t:].tolist())):
+                if t < starts[i]:  # a prefix inside the prompt: not scored
+                    continue
                 if eos_token_id in pred:
                     pred = pred[: pred.index(eos_token_id) + 1]
                 label_ngrams = [tuple(label[s : s + n]) for s in range(len(label) - n + 1)]
@@ -112,9 +134,10 @@ def extraction_likelihood_reference(
                     label_set = set(label_ngrams)
                     hits = [g for g in (tuple(pred[s : s + n]) for s in range(len(pred) - n + 1)) if g in label_set]
                     total[i] += len(hits) / len(label_ngrams)
-        return [v / (T - n) for v in total]
+        return [v / (T - n - s + 1) for v, s in zip(total, starts)]
 
-    return _el_by_length(model, input_ids, attention_mask, n, eos_token_id, batch_size, "EL reference", batch_el)
+    return _el_by_length(model, input_ids, attention_mask, n, eos_token_id, batch_size, "EL reference", batch_el,
+                         answer_start)  # fmt: skip
 
 
 class _BufferLayer(DynamicLayer):
@@ -170,18 +193,25 @@ def _decode(
             rows[lo:active, p + 1] = out.logits[:, -1].argmax(-1)
 
 
-def _greedy_continuations(model: nn.Module, x: Tensor, cache_mb: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Greedy continuations of every prefix of x (B, T), as (table, owner, row_of):
+def _greedy_continuations(
+    model: nn.Module, x: Tensor, cache_mb: float, starts: list[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Greedy continuations of every prefix of x (B, T) of at least ``starts[b]`` tokens (None: all), as
+    (table, owner, row_of):
 
     table (B + R, T): row b is x[b]; row B + i is x[b_i, :t_i] followed by the greedy continuation of the
-    i-th deviating prefix (g_t != x_t), in order of t. owner (B + R,): the sequence of each row.
-    row_of (B, T - 1): row_of[b, t - 1] is the table row whose tokens from t on continue x[b, :t] greedily.
+    i-th deviating prefix (g_t != x_t, t >= starts[b_i]), in order of t. owner (B + R,): the sequence of each row.
+    row_of (B, T - 1): row_of[b, t - 1] is the table row whose tokens from t on continue x[b, :t] greedily
+    (for t >= starts[b]; shorter prefixes, e.g. inside a question's prompt, are neither decoded nor valid).
     """
     B, T = x.shape
     out = model(input_ids=x, use_cache=True, **{_CACHE: DynamicCache()})  # a full-length cache on every layer
     greedy = out.logits[:, :-1].argmax(-1)  # (B, T-1): greedy[b, t-1] = g_t
     kv = [(layer.keys, layer.values) for layer in getattr(out, _CACHE).layers]  # (B, H, T, D) each
     deviates = greedy != x[:, 1:]  # (B, T-1)
+    if starts is not None and max(starts) > 1:  # prefixes shorter than the start are not scored: not decoded
+        first = torch.tensor(starts, device=x.device)[:, None]  # (B, 1)
+        deviates &= torch.arange(1, T, device=x.device) >= first
     r, seq = deviates.T.nonzero(as_tuple=True)  # deviating prefixes, sorted by t = r + 1
     rows = x[seq]  # (R, T), a copy
     rows[torch.arange(len(r)), r + 1] = greedy[seq, r]
@@ -243,6 +273,7 @@ def extraction_likelihood(
     n: int = 10,
     *,
     attention_mask: Tensor | None = None,
+    answer_start: Tensor | None = None,
     eos_token_id: int | None = None,
     batch_size: int = 32,
     cache_mb: float = 1024.0,
@@ -250,15 +281,20 @@ def extraction_likelihood(
     """EL_n of each sequence (N,) float64, equal to ``extraction_likelihood_reference`` (see the module docstring
     for the method and what "equal" means under float rounding). ``attention_mask``: right padding, removed.
 
+    ``answer_start`` (N,) int or None: where each row's answer starts (``objectives.answer_start`` of a
+    question/answer set's labels, ``fastunlearn.qa``). Only the prefixes prompt + answer[:k] (lengths
+    t = a..T-n, a = max(answer_start, 1)) are scored, each continuation against the rest of the answer, and
+    EL_n = sum_t overlap_t / (T - n - a + 1); a = 1 is plain EL_n. Each answer needs at least n tokens.
+
     One teacher-forced forward per ``batch_size`` sequences of equal length, then greedy decoding of the prefixes
     where the model deviates from the sequence (none for a sequence it reproduces), at most as many together as
     fit a KV cache of ``cache_mb`` MiB at full length.
     """
     check_number("cache_mb", cache_mb, 0, strict=True)
 
-    def batch_el(x: Tensor) -> list[float]:
-        table, owner, row_of = _greedy_continuations(model, x, cache_mb)
+    def batch_el(x: Tensor, starts: list[int]) -> list[float]:
+        table, owner, row_of = _greedy_continuations(model, x, cache_mb, starts)
         hits = _overlap_hits(table, owner, row_of, n, eos_token_id)
-        return [_el_from_overlaps(h, x.shape[1], n) for h in hits.tolist()]
+        return [_el_from_overlaps(h, x.shape[1], n, s) for h, s in zip(hits.tolist(), starts)]
 
-    return _el_by_length(model, input_ids, attention_mask, n, eos_token_id, batch_size, "EL", batch_el)
+    return _el_by_length(model, input_ids, attention_mask, n, eos_token_id, batch_size, "EL", batch_el, answer_start)

@@ -33,16 +33,24 @@ def _as_sequences(model: nn.Module, sequences) -> list[Tensor]:
 
 
 def sequence_nll(
-    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8
-) -> tuple[Tensor, Tensor]:
+    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8,
+    labels=None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(summed next-token NLL (N,) float64, number of scored tokens (N,) int64) of each sequence.
 
     ``sequences``: a (N, L) tensor or a list of 1-D sequences of any lengths. Windows of at most ``context``
     tokens (default: the model's ``max_position_embeddings``) start every ``stride`` tokens (default context // 2)
     and score the tokens after the previous window's end; ``batch_size`` windows per forward, right-padded
-    (causal attention: padding after a token never changes its logits).
+    (causal attention: padding after a token never changes its logits). ``labels``: None, or the same shapes
+    as ``sequences`` (Hugging Face style, aligned with them): only tokens with a label other than -100 are
+    scored, against that label (the answers of a question/answer set).
     """
     seqs = _as_sequences(model, sequences)
+    given = None
+    if labels is not None:
+        given = [torch.as_tensor(t).long().cpu() for t in labels]
+        if len(given) != len(seqs) or any(g.shape != s.shape for g, s in zip(given, seqs)):
+            raise ValueError("labels must have the shapes of sequences (one label per token)")
     context = context if context is not None else getattr(model.config, "max_position_embeddings", None)
     if context is None:
         raise ValueError("context is None and the model's config has no max_position_embeddings: pass context")
@@ -73,6 +81,8 @@ def sequence_nll(
             labels = ids.clone()  # -100 on tokens an earlier window scored
             for j, (i, begin, end, first) in enumerate(batch):
                 ids[j, : end - begin] = labels[j, : end - begin] = seqs[i][begin:end]
+                if given is not None:
+                    labels[j, : end - begin] = given[i][begin:end]
                 mask[j, : end - begin] = 1
                 labels[j, : first - begin] = -100
             targets = next_token_targets(ids, mask, labels)  # (W, width - 1)
@@ -85,8 +95,9 @@ def sequence_nll(
 
 
 def perplexity(
-    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8
-) -> float:
+    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8,
+    labels=None,
+) -> float:  # fmt: skip
     """exp(total NLL / total scored tokens) over ``sequences`` (token-weighted; see ``sequence_nll``)."""
-    nll, count = sequence_nll(model, sequences, context=context, stride=stride, batch_size=batch_size)
+    nll, count = sequence_nll(model, sequences, context=context, stride=stride, batch_size=batch_size, labels=labels)
     return math.exp(nll.sum().item() / count.sum().item())
