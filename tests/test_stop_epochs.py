@@ -151,3 +151,29 @@ def test_cli_stop_choices_are_the_engine_stops():
     assert tuple(stop.choices) == STOPS and stop.default is None
     args = parser.parse_args(["unlearn", "--model", "m", "--forget", "f", "--out", "o", "--stop", "epochs"])
     assert args.stop == "epochs"
+
+
+def test_cli_unlearn_qa_stop_epochs_without_a_heldout_set(tmp_path, capsys):
+    """TOFU's command: question/answer sets, no held-out set, exactly --max-epochs epochs (exit 0)."""
+    from test_qa import WORDS, make_tokenizer
+    from tiny_models import tiny_model
+
+    from fastunlearn import cli
+
+    tok = make_tokenizer()
+    tiny_model("gpt_neo").save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rng = torch.Generator().manual_seed(0)
+    for name, n in (("forget", 4), ("retain", 6)):
+        rows = [{"question": " ".join(WORDS[2 + int(i)] for i in torch.randint(0, 8, (3,), generator=rng)),
+                 "answer": " ".join(WORDS[2 + int(i)] for i in torch.randint(0, 8, (6,), generator=rng))}
+                for _ in range(n)]  # fmt: skip
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = ["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"), "--retain",
+              str(tmp_path / "retain.jsonl"), "--qa", "--template", "plain", "--params", "lora", "--rank", "2",
+              "--stop", "epochs", "--max-epochs", "2"]  # fmt: skip
+    assert cli.main([*common, "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["criterion"]["stop"] == "epochs" and len(log["tasks"][0]["epochs"]) == 2 and log["success"]
+    assert cli.main([*common, "--ma-threshold", "0.1", "--out", str(tmp_path / "refused")]) == 2
+    assert "ma_threshold is only used with stop='threshold'" in capsys.readouterr().err
