@@ -19,14 +19,20 @@ def _f(value, digits: int = 4) -> str:
 
 
 def latest(runs: list[dict]) -> dict[str, list[dict]]:
-    """{split: that split's runs, the last record per method, in ORDER}; earlier records of a method (other
-    settings) are left out."""
-    by_split: dict[str, dict[str, dict]] = {}
+    """{split: that split's runs, the last record per method and learning rate, in ORDER, then by lr}; each gets
+    a "label": the method, with its lr when the split ran the method at several."""
+    by_split: dict[str, dict[tuple, dict]] = {}
     for run in runs:
-        by_split.setdefault(run["split"], {})[run["method"]] = run
+        by_split.setdefault(run["split"], {})[run["method"], run["lr"]] = run
     rank = {name: i for i, name in enumerate(ORDER)}
-    return {split: sorted(found.values(), key=lambda r: rank.get(r["method"], len(ORDER)))
-            for split, found in by_split.items()}  # fmt: skip
+    out = {}
+    for split, found in by_split.items():
+        rows = sorted(found.values(), key=lambda r: (rank.get(r["method"], len(ORDER)), r["lr"]))
+        for run in rows:
+            several = sum(r["method"] == run["method"] for r in rows) > 1
+            run["label"] = f"{run['method']}, lr {run['lr']:g}" if several else run["method"]
+        out[split] = rows
+    return out
 
 
 def table(runs: list[dict]) -> str:
@@ -54,7 +60,7 @@ def table(runs: list[dict]) -> str:
         for run in rows:
             last = run["trajectory"][-1]
             lines.append(
-                f"| {run['method']} (epoch {last['epoch']}) | {run['trainable_percent']:.2f}% | {run['lr']:g} | "
+                f"| {run['label']} (epoch {last['epoch']}) | {run['trainable_percent']:.2f}% | {run['lr']:g} | "
                 f"{_f(last.get('forget_quality'))} | {_f(last.get('model_utility'))} | "
                 f"{_f(last.get('forget_probability'))} | {_f(last.get('forget_rouge_l'))} | "
                 f"{_f(last.get('forget_ma'), 3)} | {run['train_s']:.0f} | {run['hook_s']:.0f} |"
@@ -64,7 +70,7 @@ def table(runs: list[dict]) -> str:
                   "| --- |" + " --- |" * len(rows[0]["trajectory"])]  # fmt: skip
         for run in rows:
             cells = [f"{_f(p.get('forget_quality'), 3)} / {_f(p.get('model_utility'), 3)}" for p in run["trajectory"]]
-            lines.append(f"| {run['method']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -81,7 +87,7 @@ def plot(runs: list[dict], path: Path) -> None:
             points = [(p["forget_quality"], p["model_utility"]) for p in run["trajectory"]
                       if p.get("forget_quality") and p.get("model_utility") is not None]  # fmt: skip
             if points:
-                (line,) = ax.plot(*zip(*points), "o-", ms=4, label=run["method"])
+                (line,) = ax.plot(*zip(*points), "o-", ms=4, label=run["label"])
                 ax.plot(*points[-1], "o", ms=8, color=line.get_color())  # the last epoch
         target = head["target_model"]
         if target["forget_quality"]:

@@ -69,11 +69,13 @@ def _record(method: str, fq: list, mu: list) -> dict:
 def test_table_and_plot_from_records(tmp_path):
     runs = [_record("GA", [0.01, 1e-5], [0.4, 0.1]), _record("FILA + IHL", [0.01, 0.3], [0.4, 0.38])]
     runs.append(_record("GA", [0.01, 2e-5], [0.4, 0.2]))  # a later record of a method replaces the earlier one
+    runs.append({**_record("FILA + IHL", [0.01, 0.5], [0.4, 0.39]), "lr": 5e-5})  # another lr: a row of its own
     tofu_report.write_outputs(tmp_path, runs)
     text = (tmp_path / "tofu.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| GA") or line.startswith("| FILA")]
     assert rows[0].startswith("| GA (epoch 1) | 100.00% | 0.0001 | 2e-05 | 0.2000 |")  # ORDER: GA first, latest
-    assert rows[1].startswith("| FILA + IHL (epoch 1) | 1.50% | 0.0001 | 0.3000 | 0.3800 |")
+    assert rows[1].startswith("| FILA + IHL, lr 5e-05 (epoch 1) | 1.50% | 5e-05 | 0.5000 | 0.3900 |")
+    assert rows[2].startswith("| FILA + IHL, lr 0.0001 (epoch 1) | 1.50% | 0.0001 | 0.3000 | 0.3800 |")
     assert "| GA | 0.010 / 0.400 | 2e-05 / 0.200 |" in text and "| retain model (reference) | – | – | 1.0000 |" in text
     assert (tmp_path / "tofu.png").read_bytes()[:4] == b"\x89PNG"
     json.dumps(runs)  # the records are JSON (runs.jsonl)
