@@ -17,6 +17,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from . import cli_info
 from .cli_finetune import add_parser as add_finetune_parser
 from .cli_tofu import add_tofu_args, run_tofu
 
@@ -212,31 +213,6 @@ def _demo(args: argparse.Namespace) -> int:
     return main(DemoConfig(seed=args.seed, out_dir=args.out or "fastunlearn-demo", cache_dir=args.cache_dir))
 
 
-def _info(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import __version__, _dispatch
-
-    print(f"fastunlearn {__version__}, torch {torch.__version__}")
-    print(f"C++ extension (CPU kernels): {'built' if _dispatch.HAS_CSRC else _dispatch._CSRC_MISSING}")
-    print(f"Triton (CUDA kernels): {'installed' if _dispatch.HAS_TRITON else 'not installed'}")
-    cuda = torch.cuda.is_available()
-    print(f"CUDA: {torch.cuda.get_device_name() if cuda else 'not available'}")
-    for device in ("cpu", "cuda") if cuda else ("cpu",):
-        print(f"IHL on {device} tensors runs: {_dispatch.select_impl(torch.device(device))}")
-    print(f"torchrun backends (torch.distributed): {_backends()}; GPUs: {torch.cuda.device_count()}")
-    return 0
-
-
-def _backends() -> str:
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return "none (this torch build has no torch.distributed)"
-    found = [name for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available())) if ok]
-    return ", ".join(found) or "none"
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local model directory (or a hub name already in the HF cache)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (float32)")
@@ -343,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(sub)
     p = sub.add_parser("info", help="show which kernels (Triton, C++, torch) this install will use")
-    p.set_defaults(func=_info)
+    p.set_defaults(func=cli_info.run)
     return parser
 
 

@@ -296,8 +296,10 @@ def unlearn_config(cfg: DemoConfig) -> UnlearnConfig:
     )  # fmt: skip
 
 
-def run_unlearning(model, tokenizer, data: UnlearningData, cfg: DemoConfig, out_dir: Path):
-    """The engine's run in ``out_dir`` with a progress bar over its epochs; returns its UnlearnResult."""
+def run_unlearning(model, tokenizer, data: UnlearningData, cfg: DemoConfig, out_dir: Path,
+                   config: UnlearnConfig | None = None):  # fmt: skip
+    """The engine's run (``config``, else :func:`unlearn_config` of ``cfg``) in ``out_dir`` with a progress bar
+    over its epochs; returns its UnlearnResult."""
     bar = tqdm(total=cfg.unlearn_epochs, desc="unlearning", unit="epoch", leave=False, disable=None)
 
     def progress(task: int, record: dict) -> None:
@@ -305,7 +307,8 @@ def run_unlearning(model, tokenizer, data: UnlearningData, cfg: DemoConfig, out_
         bar.set_postfix(forget_MA=f"{record['forget_ma']:.3f}")
 
     try:
-        return unlearn(model, data, unlearn_config(cfg), out_dir, tokenizer=tokenizer, on_epoch_end=progress)
+        config = config or unlearn_config(cfg)
+        return unlearn(model, data, config, out_dir, tokenizer=tokenizer, on_epoch_end=progress)
     finally:
         bar.close()
 

@@ -24,7 +24,10 @@ OPS = {
     "_validate", "_dispatch", "_optional", "_atomic", "_ihl_torch", "_fisher_torch", "_C", "ihl", "fused_linear",
     "objectives", "targets", "distributed", "lowrank", "logprob", "_logprob_torch",
 }  # fmt: skip
-TOP = {"cli", "cli_data", "cli_finetune", "cli_tofu", "__main__", "demo", "demo_cache", "demo_real", "integrations"}
+TOP = {
+    "cli", "cli_data", "cli_finetune", "cli_info", "cli_tofu", "__main__", "demo", "demo_cache", "demo_real",
+    "integrations",
+}  # fmt: skip
 
 
 def level(module: str) -> int:

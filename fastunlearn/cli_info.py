@@ -1,0 +1,31 @@
+"""``fastunlearn info``: which kernels (Triton, C++, torch) and torchrun backends this install will use."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the versions and which kernels (Triton, C++, torch) this install will use."""
+    import torch
+
+    from . import __version__, _dispatch
+
+    print(f"fastunlearn {__version__}, torch {torch.__version__}")
+    print(f"C++ extension (CPU kernels): {'built' if _dispatch.HAS_CSRC else _dispatch._CSRC_MISSING}")
+    print(f"Triton (CUDA kernels): {'installed' if _dispatch.HAS_TRITON else 'not installed'}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA: {torch.cuda.get_device_name() if cuda else 'not available'}")
+    for device in ("cpu", "cuda") if cuda else ("cpu",):
+        print(f"IHL on {device} tensors runs: {_dispatch.select_impl(torch.device(device))}")
+    print(f"torchrun backends (torch.distributed): {_backends()}; GPUs: {torch.cuda.device_count()}")
+    return 0
+
+
+def _backends() -> str:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "none (this torch build has no torch.distributed)"
+    found = [name for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available())) if ok]
+    return ", ".join(found) or "none"
