@@ -7,8 +7,9 @@ Every step is cached under ``--cache`` (default ``<fastunlearn cache>/tofu/<sett
 finished ones and resumes an interrupted fine-tune or unlearning run from its last epoch:
 
 1. Data (``--data``, TOFU's JSON files): the forget set = the first ``--forget-authors`` x 20 pairs of the forget
-   split; the retain training set = the first ``--retain-authors`` x 20 pairs of the matching retain split (the
-   authors retain_perturbed.json covers, so model utility's retain questions were trained on).
+   split (then the first ``--forget-pairs`` of them); the retain training set = the first ``--retain-authors``
+   x 20 pairs of the matching retain split (authors retain_perturbed.json covers, so model utility's retain
+   questions were trained on).
 2. Target model: ``fastunlearn.finetune`` of the real model on forget + retain pairs (answer-only loss).
 3. Retain model: the same fine-tune on the retain pairs only (what perfect unlearning would leave). Its TOFU
    evaluation is the reference of forget quality (``fastunlearn.tofu.evaluate_tofu``).
