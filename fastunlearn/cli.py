@@ -77,7 +77,7 @@ def _unlearn(args: argparse.Namespace) -> int:
         forget_loss=args.loss, retain_weight=0.0 if args.no_retain else args.retain_weight, params=args.params,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lr=args.lr,
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, micro_batch_size=args.micro_batch_size,
-        stop="threshold" if args.ma_threshold is not None or args.el_threshold is not None else "heldout",
+        stop=args.stop or ("heldout" if args.ma_threshold is None and args.el_threshold is None else "threshold"),
         ma_threshold=args.ma_threshold, el_threshold=args.el_threshold, dtype=args.dtype, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, fila=fila, eval_retain_ppl=args.retain is not None,
         parallel=args.parallel, fused_ihl=args.fused_ihl, allow_heldout_overlap=args.allow_heldout_overlap,
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=20, help="give up after this many epochs (20)")
     p.add_argument("--min-epochs", type=int, default=1, help="never stop before this many epochs (1)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward (8)")
+    p.add_argument("--stop", choices=("heldout", "threshold", "epochs"),  # engine.STOPS (a test checks)
+                   help="heldout: at the held-out set's MA / EL (default); threshold: at --ma-threshold / "
+                   "--el-threshold (default when given); epochs: run --max-epochs, no criterion (TOFU)")  # fmt: skip
     p.add_argument("--ma-threshold", type=float, help="stop at this forget MA instead of the held-out level")
     p.add_argument("--el-threshold", type=float, help="stop at this forget EL_10 instead of the held-out level")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")

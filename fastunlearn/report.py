@@ -54,6 +54,8 @@ def _f(value: float | None, digits: int = 4) -> str:
 
 def _criterion_text(log: dict) -> str:
     crit, n = log["criterion"], log["config"]["el_n"]
+    if crit["stop"] == "epochs":
+        return f"none: stop='epochs' runs exactly {log['config']['max_epochs']} epochs per forget set"
     source = "the held-out set's values before unlearning" if crit["stop"] == "heldout" else "fixed thresholds"
     return f"forget MA ≤ {_f(crit['ma'])} and EL_{n} ≤ {_f(crit['el'])} ({source})"
 
@@ -107,8 +109,20 @@ def _utility_lines(log: dict) -> list[str]:
     return lines
 
 
+def _met(value: bool | None) -> str:
+    return "–" if value is None else "met" if value else "not met"
+
+
+def hook_names(log: dict) -> list[str]:
+    """The names of the ``on_epoch`` hook's values, in order of first appearance (before, then each epoch)."""
+    records = [log["baseline"], *(e for task in log["tasks"] for e in task["epochs"])]
+    return list(dict.fromkeys(name for r in records for name in r.get("on_epoch") or {}))
+
+
 def outcome(log: dict) -> str:
     """Why a finished run succeeded or failed, one line."""
+    if log["success"] and log["criterion"]["stop"] == "epochs":
+        return f"every forget set ran its {log['config']['max_epochs']} epochs"
     if log["success"]:
         return "every forget set met the criterion" + (" and still does" if len(log["tasks"]) > 1 else "")
     reasons = [f"forget set {t['task'] + 1}: {t['stop_reason']}" for t in log["tasks"] if not t["success"]]
@@ -116,7 +130,7 @@ def outcome(log: dict) -> str:
         f"forget set {i + 1} met it when its training stopped but not after the later tasks (MA {_f(m['ma'])}, "
         f"EL {_f(m['el'])})"
         for i, m in enumerate(log["tasks"][-1]["after"]["forget"])
-        if log["tasks"][i]["success"] and not m["met"]
+        if log["tasks"][i]["success"] and m["met"] is False
     ]
     return "; ".join(reasons)
 
@@ -154,7 +168,7 @@ def report_markdown(log: dict) -> str:
     if before["heldout"] is not None:
         rows.append(("held-out", before["heldout"], after["heldout"]))
     for name, b, a in rows:
-        met = "" if "met" not in a else "met" if a["met"] else "not met"
+        met = "" if "met" not in a else _met(a["met"])
         lines.append(f"| {name} | {_f(b['ma'])} | {_f(a['ma'])} | {_f(b['el'])} | {_f(a['el'])} | {met} |")
     lines += _heldout_notes(log)
     lines += _utility_lines(log)
@@ -162,7 +176,11 @@ def report_markdown(log: dict) -> str:
         lines += ["", f"Retain perplexity {_sample_text(log, 'retain_ppl_sequences')} (the retain set trained on): "
                   f"{before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after. The retain loss trains on "
                   "it, so it says nothing about damage; text never trained on (utility sets) does."]  # fmt: skip
-    names = list(before.get("utility_ppl") or {})
+    names, hooks = list(before.get("utility_ppl") or {}), hook_names(log)
+    if before.get("on_epoch"):
+        values = " ".join(f"| {_f(before['on_epoch'].get(h))} " for h in hooks)
+        lines += ["", "## on_epoch values before unlearning", "", "| " + " | ".join(hooks) + " |",
+                  "| " + " | ".join(["---"] * len(hooks)) + " |", values + "|"]  # fmt: skip
     for task in log["tasks"]:
         heads = [
             "epoch",
@@ -174,6 +192,7 @@ def report_markdown(log: dict) -> str:
             f"forget EL_{n}",
             "retain PPL (trained on)",
             *(f"{name} PPL" for name in names),
+            *hooks,
             "criterion",
         ]
         lines += ["", f"## Forget set {task['task'] + 1} ({task['size']} sequences): {task['stop_reason']}", "",
@@ -181,23 +200,38 @@ def report_markdown(log: dict) -> str:
         for e in task["epochs"]:
             low, high = e["forget_loss_range"]
             utility = "".join(f"{_f(e['utility_ppl'][name], 3)} | " for name in names)
+            utility += "".join(f"{_f((e.get('on_epoch') or {}).get(h))} | " for h in hooks)
             lines.append(
                 f"| {e['epoch']} | {_f(e['forget_loss'])} | [{_f(low)}, {_f(high)}] | {_f(e['retain_loss'])} | "
                 f"{_f(e['grad_norm'])} | {_f(e['forget_ma'])} | {_f(e['forget_el'])} | {_f(e['retain_ppl'], 3)} | "
-                f"{utility}{'met' if e['criterion_met'] else 'not met'} |"
+                f"{utility}{_met(e['criterion_met'])} |"
             )
         if len(log["tasks"]) > 1:
             measured = ", ".join(
                 f"set {i + 1} MA {_f(m['ma'])} EL {_f(m['el'])}" for i, m in enumerate(task["after"]["forget"])
             )
             lines += ["", f"After this task: {measured}."]
-    lines += ["", f"EL_{n} is measured only once the forget MA meets its limit (– = not measured). Losses are "
+    when = "once the forget MA meets its limit"
+    if log["criterion"]["stop"] == "epochs":
+        when = "with a criterion (never with stop='epochs')"
+    lines += ["", f"EL_{n} is measured only {when} (– = not measured). Losses are "
               "before each epoch's update; the range is over that epoch's micro-batches."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def write_report(path: Path, log: dict) -> None:
     atomic_write(path, report_markdown(log))
+
+
+def _plot_hooks(ax, x: list[int], values: dict[str, list[float | None]]) -> None:
+    """The ``on_epoch`` values per epoch (None: a gap), on a log scale when they are positive and span > 100x."""
+    measured = [v for ys in values.values() for v in ys if v is not None]
+    for name, ys in values.items():
+        ax.plot(x, [math.nan if v is None else v for v in ys], "o-", label=name)
+    if measured and min(measured) > 0 and max(measured) > 100 * min(measured):
+        ax.set_yscale("log")
+    ax.set(ylabel="on_epoch values")
+    ax.legend(fontsize="small")
 
 
 def write_plot(path: Path, log: dict) -> None:
@@ -209,11 +243,13 @@ def write_plot(path: Path, log: dict) -> None:
     n, crit, tasks = log["config"]["el_n"], log["criterion"], log["tasks"]
     has_ppl = log["baseline"]["retain_ppl"] is not None
     utility = list(log["baseline"].get("utility_ppl") or {})
-    panels = 1 + has_ppl + bool(utility)
+    hooks = hook_names(log)
+    panels = 1 + has_ppl + bool(utility) + bool(hooks)
     fig = Figure(figsize=(8, 2 + 2 * panels), layout="constrained")
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     start, ppl_x, ppl_y, colors = 0, [0], [log["baseline"]["retain_ppl"]], []
     utility_y = {name: [log["baseline"]["utility_ppl"][name]] for name in utility}
+    hook_y = {name: [(log["baseline"].get("on_epoch") or {}).get(name)] for name in hooks}
     for task in tasks:
         first = log["baseline"]["forget"][task["task"]]
         x = [start, *(start + e["epoch"] for e in task["epochs"])]
@@ -231,22 +267,28 @@ def write_plot(path: Path, log: dict) -> None:
         ppl_y += [e["retain_ppl"] for e in task["epochs"]]
         for name in utility:
             utility_y[name] += [e["utility_ppl"][name] for e in task["epochs"]]
+        for name in hooks:
+            hook_y[name] += [(e.get("on_epoch") or {}).get(name) for e in task["epochs"]]
         start = x[-1]
         if len(tasks) > 1:
             axes[0].axvline(start, color="grey", lw=0.5)
     limit = "held-out" if crit["stop"] == "heldout" else "threshold"
-    axes[0].axhline(crit["ma"], color="tab:red", ls=":", label=f"{limit} MA (criterion)")
-    axes[0].axhline(crit["el"], color="tab:purple", ls=":", label=f"{limit} EL_{n} (criterion)")
+    if crit["stop"] != "epochs":  # stop="epochs": no criterion
+        axes[0].axhline(crit["ma"], color="tab:red", ls=":", label=f"{limit} MA (criterion)")
+        axes[0].axhline(crit["el"], color="tab:purple", ls=":", label=f"{limit} EL_{n} (criterion)")
     axes[0].set(ylabel="memorization", ylim=(-0.02, 1.02), title="Forget set during unlearning")
     axes[0].legend(fontsize="small")
     if has_ppl:
         axes[1].plot(ppl_x, ppl_y, "o-", color="tab:green")
         axes[1].set(ylabel="retain perplexity\n(trained on)")
     if utility:
+        ax = axes[1 + has_ppl]
         for name in utility:
-            axes[-1].plot(ppl_x, utility_y[name], "o-", label=name)
-        axes[-1].set(ylabel="utility perplexity\n(never trained on)")
-        axes[-1].legend(fontsize="small")
+            ax.plot(ppl_x, utility_y[name], "o-", label=name)
+        ax.set(ylabel="utility perplexity\n(never trained on)")
+        ax.legend(fontsize="small")
+    if hooks:
+        _plot_hooks(axes[-1], ppl_x, hook_y)
     axes[-1].set(xlabel="epoch (one update each; 0 = before)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     buffer = io.BytesIO()

@@ -17,6 +17,12 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
   values measured before unlearning; ``stop="threshold"``: at or below ``ma_threshold`` and ``el_threshold``.
   The run stops at the first epoch >= ``min_epochs`` that meets it; reaching ``max_epochs`` without it, or a
   non-finite loss or gradient (then no update is made), is a failure, and is recorded as one.
+  ``stop="epochs"`` (TOFU's protocol) has no criterion: exactly ``max_epochs`` epochs, no held-out set needed,
+  the forget MA every epoch, never EL_n (the costliest metric; no criterion needs it); a non-finite update is
+  still a failure.
+- **Evaluation hook**: ``on_epoch(model, epoch) -> {name: float}`` (e.g. TOFU's forget quality and model
+  utility) runs before unlearning (epoch 0) and after every epoch; its values go into ``log.json`` under
+  ``"on_epoch"`` and into the report and plot.
 - **Continual**: forget sets unlearned one after another on the same model (adapters continue; a new optimizer
   per task; FILA is initialized once, from the first task). After each task every forget set so far, the
   held-out set and (if asked) the retain perplexity are measured again. The run succeeds when every task met

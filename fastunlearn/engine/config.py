@@ -16,7 +16,7 @@ from ..fila import FilaConfig
 from ..objectives import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, check_forget_loss, check_fused
 
 PARAMS = ("full", "lora", "fila")
-STOPS = ("heldout", "threshold")
+STOPS = ("heldout", "threshold", "epochs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "fila": 2e-4}  # the paper's learning rates
 FILA_OPTIONS = tuple(f.name for f in dataclasses.fields(FilaConfig) if f.name not in ("rank", "alpha"))
@@ -39,9 +39,10 @@ class UnlearnConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Jang et al.)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_epochs: int = 20  # an epoch is one optimizer update from the whole forget set; failure after this many
-    min_epochs: int = 1  # never stop before this many epochs
+    min_epochs: int = 1  # never stop before this many epochs (stop="epochs": leave at 1)
     micro_batch_size: int = 8  # sequences per forward/backward; accumulation makes the update independent of it
-    stop: str = "heldout"  # "heldout": forget MA, EL <= held-out set's before unlearning; "threshold": fixed ones
+    stop: str = "heldout"  # "heldout": forget MA, EL <= held-out set's before unlearning; "threshold": fixed ones;
+    # "epochs": no criterion, exactly max_epochs epochs (TOFU's protocol; no held-out set needed)
     ma_threshold: float | None = None  # stop="threshold": forget MA limit (Jang et al.: 0.2994 for GPT-Neo 125M)
     el_threshold: float | None = None  # stop="threshold": forget EL_n limit (Jang et al.: 0.0499)
     el_n: int = 10  # n of the extraction likelihood EL_n
@@ -91,8 +92,12 @@ class UnlearnConfig:
             value = getattr(self, name)
             if self.stop == "threshold" and not (is_number(value) and 0 <= value <= 1):
                 raise ValueError(f"{name} must be a number in [0, 1] with stop='threshold', got {value!r}")
-            if self.stop == "heldout" and value is not None:
-                raise ValueError(f"{name} is only used with stop='threshold' (stop='heldout' sets it), got {value!r}")
+            if self.stop != "threshold" and value is not None:
+                why = "stop='heldout' sets it" if self.stop == "heldout" else "stop='epochs' has no criterion"
+                raise ValueError(f"{name} is only used with stop='threshold' ({why}), got {value!r}")
+        if self.stop == "epochs" and self.min_epochs != 1:
+            raise ValueError(f"min_epochs is not used with stop='epochs' (it runs exactly max_epochs={self.max_epochs} "
+                             f"epochs): leave it at 1, got {self.min_epochs}")  # fmt: skip
         for name in ("gradient_checkpointing", "eval_retain_ppl", "fused_ihl", "cache_heldout_baseline",
                      "eval_heldout_el_after", "allow_heldout_overlap"):  # fmt: skip
             check_bool(name, getattr(self, name))

@@ -64,17 +64,18 @@ def per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, m
 
 def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: float | None = None, *, el: bool = True,
             phase: str = "") -> dict:  # fmt: skip
-    """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, or ``limit`` is given and MA is above it (then
-    None). ``phase`` names the set in progress lines ("baseline: held-out set" -> "... MA 3/8 batches").
-    A set with ``labels`` (question/answer pairs) is measured on its answers: MA over the labelled positions,
-    EL_n over the prefixes prompt + answer[:k] (``fastunlearn.metrics``)."""
+    """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, ``cfg.stop`` is "epochs" (no criterion needs
+    it; EL costs most), or ``limit`` is given and MA is above it (then None). ``phase`` names the set in progress
+    lines ("baseline: held-out set" -> "... MA 3/8 batches"). A set with ``labels`` (question/answer pairs) is
+    measured on its answers: MA over the labelled positions, EL_n over the prefixes prompt + answer[:k]
+    (``fastunlearn.metrics``)."""
     batch = cfg.eval_batch_size
     ma = per_sequence(
         lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, labels=s.labels, batch_size=batch),
         seqs, model, cfg, f"{phase} MA",
     )  # fmt: skip
     ma = ma.mean().item()
-    if not el or (limit is not None and ma > limit):
+    if not el or cfg.stop == "epochs" or (limit is not None and ma > limit):
         return {"ma": ma, "el": None}
     el = per_sequence(
         lambda s: extraction_likelihood(
@@ -119,7 +120,10 @@ def utility_ppl(model: nn.Module, utility: dict[str, SequenceSet] | None, cfg: U
     return {name: sample_ppl(model, seqs, cfg, f"{phase} utility {name} perplexity") for name, seqs in utility.items()}
 
 
-def criterion_met(metrics: dict, criterion: dict) -> bool:
+def criterion_met(metrics: dict, criterion: dict) -> bool | None:
+    """Whether ``metrics`` meet the criterion's limits; None with stop="epochs" (no criterion)."""
+    if criterion.get("stop") == "epochs":
+        return None
     return metrics["el"] is not None and metrics["ma"] <= criterion["ma"] and metrics["el"] <= criterion["el"]
 
 
@@ -150,7 +154,9 @@ def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, cache
     before = {"forget": forget, "heldout": held, "retain_ppl": retain_ppl(model, retain, cfg, phase="baseline:"),
               "utility_ppl": utility_ppl(model, utility, cfg, phase="baseline:")}  # fmt: skip
     source = None if cache is None else {"hit": from_cache, "file": str(cache.path)}
-    limits = before["heldout"] if cfg.stop == "heldout" else {"ma": cfg.ma_threshold, "el": cfg.el_threshold}
+    limits = {"ma": cfg.ma_threshold, "el": cfg.el_threshold}  # stop="epochs": None, None
+    if cfg.stop == "heldout":
+        limits = before["heldout"]
     return before, {"stop": cfg.stop, "ma": limits["ma"], "el": limits["el"]}, source
 
 
@@ -159,11 +165,46 @@ def stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:
     epoch = record["epoch"]
     if not record["updated"]:
         return f"non-finite loss or gradient at epoch {epoch}: stopped without that update"
+    if cfg.stop == "epochs":
+        return f"ran the {epoch} epochs of stop='epochs'" if epoch == cfg.max_epochs else None
     if record["criterion_met"] and epoch >= cfg.min_epochs:
         return f"criterion met at epoch {epoch}"
     if epoch == cfg.max_epochs:
         return f"max_epochs ({cfg.max_epochs}) reached without meeting the criterion"
     return None
+
+
+EpochHook = Callable[[nn.Module, int], dict]
+
+
+def call_hook(hook: EpochHook, model: nn.Module, epoch: int) -> dict[str, float | None]:
+    """``hook(model, epoch)`` in eval mode without gradients (the mode restored after), its values checked:
+    {name: float}, a non-finite value recorded as None; TypeError / ValueError naming ``on_epoch`` otherwise."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            values = hook(model, epoch)
+    finally:
+        model.train(training)
+    if not isinstance(values, dict):
+        raise TypeError(f"on_epoch must return a dict {{name: float}}, got {type(values).__name__} at epoch {epoch}")
+    out = {}
+    for name, value in values.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"on_epoch must return non-empty string keys, got {name!r} at epoch {epoch}")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"on_epoch value {name!r} must be a number or None, got {value!r} at epoch {epoch}")
+        out[name] = None if value is None else finite(float(value))
+    return out
+
+
+def task_success(record: dict, cfg: UnlearnConfig) -> bool:
+    """Whether a task that stopped after ``record`` succeeded: its last update was made and it met the criterion
+    (stop="epochs": it ran every epoch)."""
+    return record["updated"] and (cfg.stop == "epochs" or bool(record["criterion_met"]))
 
 
 def epoch_check(ma_of: Callable[[], float], el_of: Callable[[], float], criterion: dict) -> tuple[dict, bool]:

@@ -41,7 +41,7 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
     sets += [("retain set", retain, False), ("held-out set", heldout, True)]
     for name, seqs, scored in sets:  # scored: MA and EL are measured on it
         if seqs is not None:
-            _check_set(name, seqs, cfg.el_n if scored else None)
+            _check_set(name, seqs, cfg.el_n if scored and cfg.stop != "epochs" else None)  # "epochs": no EL
     if retain is None:
         for needs, why in (
             (cfg.retain_weight > 0, f"retain_weight={cfg.retain_weight} (set retain_weight=0 for no retain loss)"),
@@ -51,7 +51,7 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
             if needs:
                 raise ValueError(f"{why} needs a retain set, and data has none")
     if cfg.stop == "heldout" and heldout is None:
-        raise ValueError("stop='heldout' needs a held-out set, and data has none (or use stop='threshold')")
+        raise ValueError("stop='heldout' needs a held-out set, and data has none (or use stop='threshold' or 'epochs')")
     if heldout is not None and not cfg.allow_heldout_overlap:
         check_heldout_overlap(tasks, heldout)
     return tasks, retain, heldout

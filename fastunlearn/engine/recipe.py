@@ -105,11 +105,14 @@ class UnlearnRecipe:
     calls ``setup``, ``train``, ``save`` and, however they end, ``close`` (releases ``out_dir``)."""
 
     def __init__(self, model: nn.Module, data, config: UnlearnConfig, out_dir: str | Path, *, tokenizer=None,
-                 resume: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> None:  # fmt: skip
+                 resume: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
+                 on_epoch: evaluation.EpochHook | None = None) -> None:  # fmt: skip
         if not isinstance(config, UnlearnConfig):
             raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
         self.model, self.cfg, self.out = model, config, Path(out_dir)
-        self.tokenizer, self.resume, self.on_epoch_end = tokenizer, resume, on_epoch_end
+        self.tokenizer, self.resume, self.on_epoch_end, self.on_epoch = tokenizer, resume, on_epoch_end, on_epoch
+        if on_epoch is not None and not callable(on_epoch):
+            raise TypeError(f"on_epoch must be a callable (model, epoch) -> dict, got {type(on_epoch).__name__}")
         self.tasks, self.retain, self.heldout = check_data(data, config)
         self.utility = utility_sets(data)  # {name: text never trained on}; perplexity measured like the retain set's
         self.process = dist_utils.current()
@@ -169,6 +172,8 @@ class UnlearnRecipe:
             self.log["baseline"], self.log["criterion"], self.log["baseline_cache"] = evaluation.baseline(
                 model, cfg, self.tasks, self.retain, self.heldout, cache, self.utility
             )
+            if self.on_epoch is not None:  # epoch 0: the model as given (with adapters that change nothing yet)
+                self.log["baseline"]["on_epoch"] = evaluation.call_hook(self.on_epoch, model, 0)
             self.lap("baseline_s")
             self.save_checkpoint(None)  # a resume skips the setup (FILA's Fisher) and the baseline
         else:
@@ -224,18 +229,21 @@ class UnlearnRecipe:
         record.update(forget_ma=metrics["ma"], forget_el=metrics["el"],
                       retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg, phase),
                       utility_ppl=evaluation.utility_ppl(self.model, self.utility, cfg, phase))  # fmt: skip
+        if self.on_epoch is not None:
+            record["on_epoch"] = evaluation.call_hook(self.on_epoch, self.model, record["epoch"])
         record["criterion_met"] = evaluation.criterion_met(metrics, crit)
         record["eval_s"] = self.lap("eval_s")
         task["epochs"].append(record)
         task["stop_reason"] = evaluation.stop_reason(record, cfg)
         if task["stop_reason"] is not None:
-            task["success"] = task["stop_reason"].startswith("criterion met")
+            task["success"] = evaluation.task_success(record, cfg)
+        hook = "".join(f" {name} {_fmt(value)}" for name, value in record.get("on_epoch", {}).items())
         self.info(
-            "%s epoch %d/%d: loss forget %s retain %s | forget MA %s EL_%d %s | criterion %s | %.1f s%s",
+            "%s epoch %d/%d: loss forget %s retain %s | forget MA %s EL_%d %s | criterion %s%s | %.1f s%s",
             set_name(k, len(self.tasks)), record["epoch"], cfg.max_epochs, _fmt(record["forget_loss"]),
             _fmt(record["retain_loss"]), _fmt(record["forget_ma"]), cfg.el_n, _fmt(record["forget_el"]),
-            "met" if record["criterion_met"] else "not met", record["train_s"] + record["eval_s"],
-            f" -> {task['stop_reason']}" if task["stop_reason"] else "",
+            {True: "met", False: "not met", None: "-"}[record["criterion_met"]], hook and f" |{hook}",
+            record["train_s"] + record["eval_s"], f" -> {task['stop_reason']}" if task["stop_reason"] else "",
         )  # fmt: skip
         self.save_checkpoint(optimizer)
         self.write_log()
@@ -251,7 +259,7 @@ class UnlearnRecipe:
         names = [set_name(i, len(self.tasks)) for i in range(k + 1)]
         after = [evaluation.measure(self.model, t, cfg, phase=f"after {names[k]}: {names[i]}")
                  for i, t in enumerate(self.tasks[:k])]  # fmt: skip
-        reuse = last["forget_el"] is not None
+        reuse = last["forget_el"] is not None or cfg.stop == "epochs"  # stop="epochs": MA only
         after.append({"ma": last["forget_ma"], "el": last["forget_el"]} if reuse else
                      evaluation.measure(self.model, forget, cfg, phase=f"after {names[k]}: {names[k]}"))  # fmt: skip
         heldout = None
@@ -271,7 +279,7 @@ class UnlearnRecipe:
     def save(self) -> UnlearnResult:
         log = self.log
         final = log["tasks"][-1]["after"]["forget"]
-        log["success"] = all(task["success"] for task in log["tasks"]) and all(m["met"] for m in final)
+        log["success"] = all(task["success"] for task in log["tasks"]) and all(m["met"] is not False for m in final)
         log["outputs"] = export_models(self.model, self.cfg, self.out, self.tokenizer)
         self.lap("export_s")
         log["status"] = "finished"
@@ -302,20 +310,27 @@ def unlearn(
     tokenizer=None,
     resume: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    on_epoch: evaluation.EpochHook | None = None,
 ) -> UnlearnResult:
     """Unlearn ``data``'s forget set(s) from ``model`` (trained in place) and write the run to ``out_dir``.
 
     ``data``: an :class:`UnlearningData`; its ``forget`` may be a list of SequenceSets (continual unlearning,
     e.g. from ``split_tasks``), sharing its retain and held-out sets; or a plain list of forget SequenceSets
-    (no retain or held-out set: needs ``retain_weight=0``, ``params`` other than "fila", ``stop="threshold"``).
+    (no retain or held-out set: needs ``retain_weight=0``, ``params`` other than "fila", ``stop="threshold"`` or
+    ``"epochs"``).
     ``out_dir`` must be empty or missing, unless it holds the checkpoint of an interrupted run and ``resume``
     (then pass the same, unmodified model, data and config: each is checked); it is locked while the run
     lasts. Refusals are one-line errors (``outdir.OutDirError``, ``checkpoint.CheckpointError``, ValueError)
     raised before any compute. ``tokenizer`` is saved with the merged model.
     ``on_epoch_end(task_index, epoch_record)`` runs after each epoch's checkpoint is written.
+    ``on_epoch(model, epoch) -> {name: float}``: an evaluation of your own (TOFU's forget quality and model
+    utility), run in eval mode without gradients once before unlearning (epoch 0, into ``log["baseline"]``) and
+    after every epoch's update (epoch = the task's epoch number, into that epoch's record), both under the key
+    ``"on_epoch"`` (a non-finite value is recorded as None); the report's epoch table and plot show the values.
+    Multi-process: every rank calls it (FSDP forwards need them all); rank 0's values are written.
     """
     recipe = UnlearnRecipe(model, data, config, out_dir, tokenizer=tokenizer, resume=resume,
-                           on_epoch_end=on_epoch_end)  # fmt: skip
+                           on_epoch_end=on_epoch_end, on_epoch=on_epoch)  # fmt: skip
     try:
         recipe.setup()
         recipe.train()
