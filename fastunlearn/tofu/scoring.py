@@ -106,8 +106,11 @@ def answer_nll(
     tick: Tick = None,
 ) -> np.ndarray:
     """(N,) float64 mean per-token NLL of each answer given its question (answer tokens and eos only)."""
-    pad = _special_id(tokenizer, ("pad_token_id", "eos_token_id"), "TOFU", "padding")
-    return _nll_rows(model, _rows(tokenizer, questions, answers, template), pad, batch_size, tick)
+    if len(questions) != len(answers):
+        raise ValueError(f"questions and answers differ in length: {len(questions)} vs {len(answers)}")
+    candidates = [[answer] for answer in answers]
+    return candidates_nll(model, tokenizer, questions, candidates, template=template, batch_size=batch_size,
+                          tick=tick)[:, 0]  # fmt: skip
 
 
 def candidates_nll(
