@@ -20,10 +20,7 @@ import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
-NOT_RUN: dict[str, str] = {  # first line of a block -> why it cannot run in the tests
-    "from fastunlearn.tofu import evaluate_tofu, load_tofu_sets": "TOFU's hook example needs TOFU's data and "
-    "a fine-tuned target and retain model",
-}
+NOT_RUN: dict[str, str] = {}  # first line of a block -> why it cannot run in the tests
 WORDS = [f"w{i}" for i in range(60)]
 SEQ_LEN = 12
 
@@ -98,7 +95,22 @@ def namespace(tmp_path, monkeypatch):
         "forget_batches": batches["forget"],
         "retain_batches": batches["retain"],
         "path": str(tmp_path / "saved-model"),
+        "D": str(_tofu_dir(tmp_path / "tofu", rng)),  # TOFU's file layout, tiny
+        "target_model": _model(),
+        "retain_model": _model(),
     }
+
+
+def _tofu_dir(root: Path, rng: random.Random) -> Path:
+    """TOFU's four evaluation files (forget01 and the three utility sets) with 3 questions each."""
+    import json
+
+    root.mkdir()
+    for file in ("forget01", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        rows = [{"question": _line(rng, 5), "answer": _line(rng, 6), "paraphrased_answer": _line(rng, 6),
+                 "perturbed_answer": [_line(rng, 6) for _ in range(3)]} for _ in range(3)]  # fmt: skip
+        (root / f"{file}.json").write_text(json.dumps(rows))
+    return root
 
 
 def test_readme_has_the_python_blocks_this_file_expects():
