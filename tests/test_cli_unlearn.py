@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, word_tokenizer
 
 from fastunlearn import cli
 
@@ -20,14 +20,8 @@ WORDS = [f"w{i}" for i in range(60)]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny GPT-Neo with a word-level tokenizer, and forget / retain / held-out text files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("cli")
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    tokenizer = word_tokenizer(WORDS)
     tiny_model("gpt_neo").save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     rng = random.Random(0)

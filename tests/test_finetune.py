@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_model, word_tokenizer
 
 from fastunlearn import cli
 from fastunlearn.data import SequenceSet
@@ -200,15 +200,8 @@ def workspace(tmp_path_factory):
     """A saved tiny GPT-Neo with a word-level tokenizer; a QA file and a text file."""
     import random
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("finetune")
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, "Question": 3, "Answer": 4, ":": 5, **{w: i + 6 for i, w in
-                                                                                        enumerate(WORDS)}}  # fmt: skip
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    tokenizer = word_tokenizer(WORDS, extra=("Question", "Answer", ":"))
     tiny_model("gpt_neo").save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     rng = random.Random(0)

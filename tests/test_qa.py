@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_models import word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from fastunlearn.qa import (
@@ -27,10 +27,7 @@ PAIRS = [{"question": "who wrote it", "answer": "she did"}, {"question": "why", 
 
 def make_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     """Whitespace word-level: [PAD]=0, [UNK]=1, [EOS]=2, then WORDS; with ``chat``, a chat template."""
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    tok = word_tokenizer(WORDS, split_punctuation=False)
     if chat:
         tok.chat_template = CHAT
     return tok

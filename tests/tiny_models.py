@@ -14,6 +14,18 @@ VOCAB = 64
 KINDS = ("gpt_neo", "gpt2")
 
 
+def word_tokenizer(words, extra=(), split_punctuation: bool = True):
+    """A word-level tokenizer with known ids: [PAD]=0, [UNK]=1, [EOS]=2, then ``extra``, then ``words``.
+    ``split_punctuation``: pre-tokenize with ``Whitespace`` (":" is its own token), else ``WhitespaceSplit``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[EOS]", *extra, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     """The same weights for the same (kind, seed), in eval mode, no dropout."""
     torch.manual_seed(seed)
