@@ -121,6 +121,11 @@ def table_markdown(picked: list[dict], before: dict, caption: str, finished: boo
         f"{u['pile']:.1f} (1) | {before['lambada_acc']:.3f} |",
         f"| Held-out TDEC (criterion) | – | – | – | – | – | ≤ {crit['ma']:.3f} | ≤ {crit['el']:.4f} | | | |",
     ]  # fmt: skip
+    if "pretrained" in before:  # SmolLM2 as released, before the memorization fine-tune
+        p = before["pretrained"]
+        ppl = [f"{p['utility'][k]:.1f} ({ratio(p, before, k):.2f})" for k in ("wikitext", "pile")]
+        lines.append(f"| SmolLM2 as released (not memorized) | – | – | – | – | – | | | {ppl[0]} | {ppl[1]} | "
+                     f"{p['lambada_acc']:.3f} |")  # fmt: skip
     for name in names:
         rs = [r for r in picked if r["method"] == name]
         ok = [r for r in rs if r["success"]]
@@ -194,7 +199,12 @@ def write_plot(path: Path, rows: list[dict], picked: list[dict], before: dict) -
     for key, offset in (("wikitext", -0.2), ("pile", 0.2)):
         means = [_mean(ratio(r, before, key) for r in picked if r["method"] == n) for n in names]
         axes[-1].bar([i + offset for i in range(len(names))], means, width=0.4, label=key)
-    axes[-1].axhline(1.0, color="k", lw=1)
+    axes[-1].axhline(1.0, color="k", lw=1, label="memorized model")
+    if "pretrained" in before:
+        axes[-1].axhline(ratio(before["pretrained"], before, "wikitext"), color="C0", ls=":", lw=1,
+                         label="SmolLM2 as released (wikitext)")  # fmt: skip
+        axes[-1].axhline(ratio(before["pretrained"], before, "pile"), color="C1", ls=":", lw=1,
+                         label="SmolLM2 as released (pile)")  # fmt: skip
     axes[-1].set_xticks(range(len(names)), [n.replace(" + ", "+\n") for n in names], fontsize=6)
     axes[-1].set(ylabel="perplexity after / before", title="utility at the criterion (finished cells)")
     axes[-1].legend(fontsize=7)

@@ -19,7 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_and_clean_skip_without_data(tmp_path):
     result = _run("--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--gpu-scale", "--forget-size", "--cells", "--lr-factors", "--threads"):
+    for option in ("--gpu-scale", "--forget-size", "--cells", "--lr-factors", "--threads", "--workers"):
         assert option in result.stdout
     missing, out = tmp_path / "no-tdec", tmp_path / "out"
     result = _run("--data", str(missing), "--out", str(out), "--cache", str(tmp_path / "cache"))
@@ -35,8 +35,8 @@ def test_plan_and_gpu_scale():
     main = [t for t in todo if t[0].name in table1_real.MAIN]
     assert len(main) == 5 * 2 and {t[1] for t in main} == {("lm_extraction_32_0", 0), ("lm_extraction_32_1", 1)}
     controls = [t for t in todo if t[0].name not in table1_real.MAIN]
-    assert len(controls) == 3 and {t[1] for t in controls} == {("lm_extraction_32_0", 0)}
-    assert [t[2] for t in controls if "tuned" in t[0].name] == [(table1_real.TUNED,)]
+    assert len(controls) == 2 and {t[1] for t in controls} == {("lm_extraction_32_0", 0)}
+    assert all(t[2] == table1_real.LR_GRID for t in todo)  # "LoRA + IHL at a tuned lr" is LoRA + IHL's own grid
     gpu = table1_real.parse_args(["--gpu-scale"])
     assert (gpu.seq_len, gpu.forget_size, len(gpu.forget_sets)) == (200, 32, 3)
     assert len(table1_real.cells(gpu)) == 6 and gpu.design != args.design
@@ -87,11 +87,14 @@ def test_report_only_rewrites_the_table_from_runs_jsonl(tmp_path):
     rows.append({**rows[0], "design": "an earlier design", "epochs": 99})  # ignored
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = {"design": args.design, "memorization": {"steps": 20}, "utility": {"wikitext": 100.0, "pile": 200.0},
-              "lambada_acc": 0.25, "continuations": {"lm_extraction_32_0": {"truth": "t", "greedy": "g"}}}  # fmt: skip
+              "lambada_acc": 0.25, "continuations": {"lm_extraction_32_0": {"truth": "t", "greedy": "g"}},
+              "pretrained": {"utility": {"wikitext": 50.0, "pile": 300.0}, "lambada_acc": 0.3}}  # fmt: skip
     (tmp_path / "before.json").write_text(json.dumps(before))
     assert table1_real.main(["--out", str(tmp_path), "--methods", "GA", "--report-only"]) == 0
     table = (tmp_path / "table1.md").read_text()
     assert "| GA | 2 | ×1 | 100.00 | 2.0 ± 0.0 | 2.0 ± 0.0 |" in table
+    released = "| SmolLM2 as released (not memorized) | – | – | – | – | – | | | 50.0 (0.50) | 300.0 (1.50) | 0.300 |"
+    assert released in table
     assert "PARTIAL" not in table and (tmp_path / "table1.png").stat().st_size > 1000
 
 
