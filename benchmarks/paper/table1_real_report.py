@@ -14,6 +14,11 @@ import math
 from pathlib import Path
 
 FAILED = math.inf  # the lr factor of a cell that never met the criterion: slower than any that did
+ORDER = ("FILA + IHL", "LoRA + IHL", "LoRA + GD", "GD", "GA", "SVD init, uniform rows + IHL",
+         "SVD init, rows 1 (PiSSA-like) + IHL")  # fmt: skip
+SHORT = {"FILA + IHL": "FILA\n+IHL", "LoRA + IHL": "LoRA\n+IHL", "LoRA + GD": "LoRA\n+GD",
+         "SVD init, uniform rows + IHL": "uniform\nrows+IHL",
+         "SVD init, rows 1 (PiSSA-like) + IHL": "PiSSA-like\n+IHL"}  # the plot's bar labels  # fmt: skip
 
 
 def chosen(rows: list[dict], grid: dict[str, tuple[float, ...]]) -> list[dict]:
@@ -182,20 +187,25 @@ def write_plot(path: Path, rows: list[dict], picked: list[dict], before: dict) -
 
     if not rows:
         return
-    cells = list(dict.fromkeys((r["forget_set"], r["seed"]) for r in rows))
-    fig = Figure(figsize=(5 * (len(cells) + 1), 4.5))
-    axes = fig.subplots(1, len(cells) + 1)
-    colors = {}
+    cells = sorted(dict.fromkeys((r["forget_set"], r["seed"]) for r in rows))
+    ncols = min(3, len(cells) + 1)
+    nrows = -(-(len(cells) + 1) // ncols)
+    fig = Figure(figsize=(5 * ncols, 4.5 * nrows))
+    panels = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax in panels[len(cells) + 1 :]:
+        ax.set_axis_off()
+    axes = panels[: len(cells) + 1]  # one per cell, then the utility panel
+    colors = {name: f"C{i}" for i, name in enumerate(ORDER)}
     for ax, cell in zip(axes, cells):
         for r in rows:
             if (r["forget_set"], r["seed"]) == cell:
-                color = colors.setdefault(r["method"], f"C{len(colors)}")
+                color = colors.setdefault(r["method"], f"C{len(colors) % 10}")
                 ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", ms=3, color=color,
                         ls="-" if r["success"] else ":", label=f"{r['method']} ×{r['lr_factor']:g}")  # fmt: skip
         ax.axhline(rows[0]["criterion"]["ma"], color="k", ls="--", lw=1, label="held-out MA (criterion)")
         ax.set(xlabel="epoch (dotted: criterion not met)", ylabel="forget MA", title=f"{cell[0]}, seed {cell[1]}")
         ax.legend(fontsize=6)
-    names = list(dict.fromkeys(r["method"] for r in picked))
+    names = sorted(dict.fromkeys(r["method"] for r in picked), key=lambda n: ORDER.index(n) if n in ORDER else 99)
     for key, offset in (("wikitext", -0.2), ("pile", 0.2)):
         means = [_mean(ratio(r, before, key) for r in picked if r["method"] == n) for n in names]
         axes[-1].bar([i + offset for i in range(len(names))], means, width=0.4, label=key)
@@ -205,7 +215,7 @@ def write_plot(path: Path, rows: list[dict], picked: list[dict], before: dict) -
                          label="SmolLM2 as released (wikitext)")  # fmt: skip
         axes[-1].axhline(ratio(before["pretrained"], before, "pile"), color="C1", ls=":", lw=1,
                          label="SmolLM2 as released (pile)")  # fmt: skip
-    axes[-1].set_xticks(range(len(names)), [n.replace(" + ", "+\n") for n in names], fontsize=6)
+    axes[-1].set_xticks(range(len(names)), [SHORT.get(n, n) for n in names], fontsize=7)
     axes[-1].set(ylabel="perplexity after / before", title="utility at the criterion (finished cells)")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
