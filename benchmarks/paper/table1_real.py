@@ -184,12 +184,15 @@ def cells(args) -> list[tuple[str, int]]:
     return [(s, seed) for seed in args.seeds for s in args.forget_sets]
 
 
+def method_named(name: str) -> Method:
+    return {m.name: m for m in methods(_GridScale())}[name]
+
+
 def plan(args) -> list[tuple[Method, tuple[str, int], tuple[float, ...]]]:
     """(method, cell, lr factors to try in order): the main methods on every cell, then the controls."""
-    every = {m.name: m for m in methods(_GridScale())}
     grid = tuple(args.lr_factors)
-    todo = [(every[name], cell, grid) for cell in cells(args) for name in MAIN]
-    todo += [(every[name], cell, grid) for cell in cells(args)[: args.control_cells] for name in CONTROLS]
+    todo = [(method_named(name), cell, grid) for cell in cells(args) for name in MAIN]
+    todo += [(method_named(name), cell, grid) for cell in cells(args)[: args.control_cells] for name in CONTROLS]
     todo = [t for t in todo if not args.methods or t[0].name in args.methods]
     return todo if args.only_cell is None else [t for t in todo if t[1] == cells(args)[args.only_cell]]
 
@@ -280,11 +283,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)  # the memorization and the "before" numbers: every core
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
+    _log_to_terminal()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    _, tokenizer = real_model()
+    released, tokenizer = real_model()
     data = load(args, tokenizer)
     folder = memorized(args, data)
     if before.get("design") != args.design:
@@ -296,24 +298,22 @@ def main(argv: list[str] | None = None) -> int:
         before["continuations"].update({k: continuation(model, tokenizer, data["forget"][k]) for k in others})
         atomic_write(before_file, json.dumps(before, indent=1) + "\n")
     if "pretrained" not in before:  # SmolLM2 as released: what the memorization fine-tune cost in utility
-        model = real_model()[0].to(args.device)
-        before["pretrained"] = utility(model, tokenizer, data, next(iter(data["forget"])))
+        before["pretrained"] = utility(released.to(args.device), tokenizer, data, next(iter(data["forget"])))
         atomic_write(before_file, json.dumps(before, indent=1) + "\n")
+    del released
     logger.info("design %s: %d attempts already in %s", args.design, len(rows), runs_file)
     units = sorted(plan(args), key=lambda unit: -EXPECTED_S.get(unit[0].name, 0))  # longest first (stable)
     units = [(m.name, cell, factors) for m, cell, factors in units]
     workers = args.workers or (1 if args.device.startswith("cuda") else 2)
     if workers == 1:
         _start_worker(args, folder, data)
-        finished = map(run_grid, units)
+        for unit in units:
+            run_grid(unit)
+            write_outputs(args, read_rows(runs_file, args.design), before, False, grid, caption(args, before))
     else:  # spawn: each worker loads the data itself (no fork of a process that holds torch threads)
-        pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (args, folder, None))
-        finished = pool.imap_unordered(run_grid, units)
-    for _ in finished:
-        write_outputs(args, read_rows(runs_file, args.design), before, False, grid, caption(args, before))
-    if workers > 1:
-        pool.close()
-        pool.join()
+        with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (args, folder, None)) as pool:
+            for _ in pool.imap_unordered(run_grid, units):
+                write_outputs(args, read_rows(runs_file, args.design), before, False, grid, caption(args, before))
     rows = read_rows(runs_file, args.design)
     write_outputs(args, rows, before, len(chosen(rows, grid)) == len(plan(args)), grid, caption(args, before))
     logger.info("done in %.0f s", time.perf_counter() - start)
@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
 _WORKER: dict = {}  # this process's (args, memorized model folder, data): set by _start_worker
 
 
+def _log_to_terminal() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")  # fmt: skip
+
+
 def _start_worker(args, folder: Path, data: dict | None) -> None:
     import torch
 
@@ -330,8 +335,7 @@ def _start_worker(args, folder: Path, data: dict | None) -> None:
 
     torch.set_num_threads(args.threads)
     if data is None:  # a spawned worker: its own logging and data
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")  # fmt: skip
+        _log_to_terminal()
         data = load(args, real_model()[1])
     _WORKER.update(args=args, folder=folder, data=data)
 
@@ -341,7 +345,7 @@ def run_grid(unit: tuple[str, tuple[str, int], tuple[float, ...]]) -> None:
     (each attempt is appended there as it finishes)."""
     args, folder, data = _WORKER["args"], _WORKER["folder"], _WORKER["data"]
     name, cell, factors = unit
-    method = {m.name: m for m in methods(_GridScale())}[name]
+    method = method_named(name)
     runs_file = args.out / "runs.jsonl"
     done = [r for r in read_rows(runs_file, args.design) if (r["method"], r["forget_set"], r["seed"]) == (name, *cell)]
     if any(r["success"] for r in done) or len(done) >= len(factors):
