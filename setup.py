@@ -1,4 +1,8 @@
-"""Builds the C++ extension `fastunlearn._C` (CPU kernels of the Inverted Hinge Loss); metadata lives in pyproject.toml.
+"""Builds the C++ extension `fastunlearn._C` (CPU kernels of the Inverted Hinge Loss) and lists the packages;
+metadata lives in pyproject.toml.
+
+- Packages are discovered: every folder of `fastunlearn/` with an `__init__.py`, and the top-level `kernels/`
+  folder installed as `fastunlearn.kernels` (the top-level name `kernels` belongs to another PyPI project).
 
 - Always a `CppExtension` from `csrc/*.cpp`: CPU code only, with or without a CUDA toolkit. There are no CUDA
   sources: CUDA tensors run the Triton kernels (`kernels/`, installed as `fastunlearn.kernels`), which need
@@ -11,7 +15,7 @@ Build against the installed torch: `pip install --no-build-isolation .`
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -33,5 +37,12 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+PACKAGES = [*find_packages(ROOT, include=["fastunlearn", "fastunlearn.*"]), "fastunlearn.kernels"]
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=PACKAGES,
+    package_dir={"fastunlearn.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

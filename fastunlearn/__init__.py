@@ -13,13 +13,16 @@ from .fila import FilaConfig, fila_init
 from .fisher import empirical_fisher, relative_fisher
 from .fused_linear import FusedLinearIHL, fused_linear_ihl
 from .ihl import IHLLoss, ihl_loss
+from .logprob import fused_linear_logprob, token_logprob
 from .lora import LoRALinear, inject_lora
 from .objectives import (
     UnlearningLoss,
     causal_lm_ihl_loss,
     ga_loss,
+    npo_loss,
     retain_loss,
     shift_causal,
+    simnpo_loss,
     unlearning_loss,
 )
 
@@ -52,9 +55,14 @@ __all__ = [
     "fused_linear_ihl",
     "ga_loss",
     "ihl_loss",
+    "npo_loss",
     "retain_loss",
     "shift_causal",
+    "simnpo_loss",
     "unlearning_loss",
+    # per-token log-likelihoods (NPO, SimNPO, evaluation)
+    "fused_linear_logprob",
+    "token_logprob",
     # LoRA and FILA
     "FilaConfig",
     "LoRALinear",

@@ -12,6 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from . import __version__, _dispatch
 
     print(f"fastunlearn {__version__}, torch {torch.__version__}")
+    print("versions: " + ", ".join(f"{name} {_version(name)}" for name in VERSIONS))
     print(f"C++ extension (CPU kernels): {'built' if _dispatch.HAS_CSRC else _dispatch._CSRC_MISSING}")
     print(f"Triton (CUDA kernels): {'installed' if _dispatch.HAS_TRITON else 'not installed'}")
     cuda = torch.cuda.is_available()
@@ -20,6 +21,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"IHL on {device} tensors runs: {_dispatch.select_impl(torch.device(device))}")
     print(f"torchrun backends (torch.distributed): {_backends()}; GPUs: {torch.cuda.device_count()}")
     return 0
+
+
+VERSIONS = ("torch", "transformers", "triton", "peft", "datasets")  # the releases a bug report needs
+
+
+def _version(distribution: str) -> str:
+    """The installed release of ``distribution``, read from its metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _backends() -> str:

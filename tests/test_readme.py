@@ -129,3 +129,39 @@ def test_unlearn_imported_from_the_package_is_the_function():
 
     assert inspect.isfunction(unlearn) and unlearn is recipe.unlearn
     assert UnlearnConfig().params == "fila"
+
+
+def api_table_names(text: str) -> list[tuple[str, str]]:
+    """(module, attribute) for every name in the first column of the README's API table, as it is written there:
+    a row that starts with `fastunlearn.<module>` names attributes of that module (and other modules, written as
+    dotted paths, that must import); every other row names attributes of ``fastunlearn`` itself."""
+    section = text.split("\n## API", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for row in re.findall(r"^\| (.+?) \|", section, flags=re.M):
+        cells = re.findall(r"`([^`]+)`", row)
+        if not cells or set(row) <= {"-", " ", "|"}:
+            continue
+        module = cells[0][len("fastunlearn.") :] if cells[0].startswith("fastunlearn.") else ""
+        for cell in cells[1:] if module else cells:
+            name = re.match(r"[\w.]+", cell).group(0)
+            if "." in name:  # another module path the row names, e.g. (also `integrations.patch`)
+                names.append((name, ""))
+            else:
+                names.append((module, name))
+    return names
+
+
+def test_every_name_of_the_api_table_works_as_written():
+    import importlib
+
+    names = api_table_names(README.read_text())
+    assert ("", "ihl_loss") in names and ("", "fused_linear_logprob") in names and ("metrics", "perplexity") in names
+    broken = []
+    for module, attribute in names:
+        try:
+            owner = importlib.import_module(f"fastunlearn.{module}".rstrip("."))
+            if attribute and not hasattr(owner, attribute):
+                broken.append(f"fastunlearn.{module}.{attribute}".replace("..", "."))
+        except ImportError as exc:
+            broken.append(f"fastunlearn.{module} ({exc})")
+    assert not broken, f"README API names that do not exist as written: {broken}"

@@ -69,11 +69,12 @@ def test_stop_epochs_runs_exactly_max_epochs_without_a_criterion(epochs_run):
 
 
 def test_stop_epochs_keeps_going_after_the_forget_set_is_forgotten(memorized, tmp_path):
-    """A held-out criterion met at epoch 1 would stop the heldout run there; stop="epochs" runs all of them."""
+    """A criterion met early stops a threshold run there; stop="epochs" runs every epoch, the same ones first."""
     base, sets = memorized
     data = UnlearningData(sets["forget"], sets["retain"], sets["heldout"])
     fast = {**FAST, "lr": 0.2}
-    heldout = unlearn(copy.deepcopy(base), data, UnlearnConfig(**fast, max_epochs=4), tmp_path / "h")
+    criterion = UnlearnConfig(**fast, max_epochs=4, stop="threshold", ma_threshold=0.5, el_threshold=1.0)
+    heldout = unlearn(copy.deepcopy(base), data, criterion, tmp_path / "h")
     stopped_at = len(heldout.log["tasks"][0]["epochs"])
     assert heldout.success and stopped_at < 4
     epochs = unlearn(copy.deepcopy(base), data, UnlearnConfig(**fast, stop="epochs", max_epochs=4), tmp_path / "e")
