@@ -30,8 +30,8 @@ import pytest
 import torch
 from bench_common import device_name, write_summary
 
-from fastunlearn import _dispatch
-from fastunlearn.fisher import accumulate_per_example
+from fastunlearn.lora.fisher import accumulate_per_example
+from fastunlearn.ops import dispatch
 
 CUDA = torch.cuda.is_available()
 N_EXAMPLES, N_TOKENS, N_IN, N_OUT = 8, 200, 768, 3072
@@ -57,7 +57,7 @@ def fisher_fn(provider: str):
     def fused(impl, chunk_bytes=CHUNK_BYTES):
         def run(x, g, w):
             fisher = torch.zeros(w.shape, device=w.device)
-            with _dispatch._force_impl(impl):
+            with dispatch._force_impl(impl):
                 accumulate_per_example(fisher, x, g, chunk_bytes)
             return fisher
 

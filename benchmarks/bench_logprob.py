@@ -29,10 +29,10 @@ import time
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from fastunlearn.data import SequenceSet
+from fastunlearn.data.text import SequenceSet
 from fastunlearn.engine.reference import sequence_logprobs
 from fastunlearn.fused_lm import patch_fused_lm
-from fastunlearn.objectives import REFERENCE_KEY, forget_term, sequence_logprob, token_logprobs
+from fastunlearn.losses import REFERENCE_KEY, forget_term, sequence_logprob, token_logprobs
 
 PATHS = ("fused", "logits")
 VOCABS = (49152, 128256)  # SmolLM2's vocabulary, Llama 3's

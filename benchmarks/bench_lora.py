@@ -17,7 +17,7 @@ import torch
 from bench_common import device_name, write_summary
 from torch import nn
 
-from fastunlearn.lora import LoRALinear
+from fastunlearn.lora.layer import LoRALinear
 
 CUDA = torch.cuda.is_available()
 SHAPES = [(768, 768), (3072, 768)]  # (out, in)

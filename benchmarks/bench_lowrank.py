@@ -28,7 +28,7 @@ import pytest
 import torch
 from bench_common import device_name, write_summary
 
-from fastunlearn.lowrank import weighted_error, weighted_lowrank_grouped
+from fastunlearn.ops.lowrank import weighted_error, weighted_lowrank_grouped
 
 CUDA = torch.cuda.is_available()
 RANK = 16

@@ -36,8 +36,8 @@ import torch
 from bench_common import device_name, write_summary
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from fastunlearn import metrics
-from fastunlearn.objectives import retain_loss, shift_causal
+from fastunlearn.evals import metrics
+from fastunlearn.losses import retain_loss, shift_causal
 
 N_SEQ, T, N_GRAM, VOCAB = 32, 200, 10, 128
 MA_TARGET, MAX_STEPS = 0.9, 300

@@ -7,7 +7,7 @@ Two parts, one process:
 1. **The engine** (``fastunlearn.unlearn``, params="fila", one epoch, stop="threshold" with limits no epoch
    meets, so EL is measured only in the baseline): its own timings (setup, baseline, train, eval, export), with
    FILA's setup split into the two Fisher passes and the low-rank factorization, and the baseline into MA and
-   EL_10, by wrapping those functions (``fastunlearn.fila.empirical_fisher``, ``weighted_lowrank_grouped``;
+   EL_10, by wrapping those functions (``fastunlearn.lora.fila.empirical_fisher``, ``weighted_lowrank_grouped``;
    ``engine.evaluation.memorization_accuracy``, ``extraction_likelihood``).
 2. **The pieces of an epoch**, measured first (before the engine's allocations hide them) on LoRA adapters of
    FILA's shapes, each timed ``--repeat`` times (min reported) with the peak host memory of the last repeat above
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from fastunlearn import fila
-from fastunlearn.data import UnlearningData, load_texts, tokenize_sequences
+from fastunlearn.data.text import UnlearningData, load_texts, tokenize_sequences
 from fastunlearn.engine import UnlearnConfig, evaluation, unlearn
+from fastunlearn.evals.metrics import memorization_accuracy
 from fastunlearn.fused_lm import patch_fused_ihl, unpatch_fused_ihl
-from fastunlearn.lora import inject_lora
-from fastunlearn.metrics import memorization_accuracy
+from fastunlearn.lora import fila
+from fastunlearn.lora.layer import inject_lora
+from fastunlearn.losses import forget_term, retain_loss, shift_causal
 from fastunlearn.models import real_model
-from fastunlearn.objectives import forget_term, retain_loss, shift_causal
 
 ROOT = Path(__file__).resolve().parents[1]
 TDEC = ROOT.parent / "shared" / "data" / "tdec"

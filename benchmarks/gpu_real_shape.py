@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastunlearn import fila
-from fastunlearn._atomic import atomic_write
-from fastunlearn.fisher import empirical_fisher
+from fastunlearn.evals.metrics import extraction_likelihood
 from fastunlearn.fused_lm import patch_fused_ihl, unpatch_fused_ihl
-from fastunlearn.metrics import extraction_likelihood
-from fastunlearn.objectives import forget_term, retain_term
-from fastunlearn.targets import find_targets
+from fastunlearn.lora import fila
+from fastunlearn.lora.fisher import empirical_fisher
+from fastunlearn.lora.targets import find_targets
+from fastunlearn.losses import forget_term, retain_term
+from fastunlearn.utils.atomic import atomic_write
 
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

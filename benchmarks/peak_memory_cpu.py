@@ -15,7 +15,8 @@ import resource
 import torch
 
 import fastunlearn
-from fastunlearn import _dispatch, _ihl_torch
+from fastunlearn.ops import dispatch
+from fastunlearn.ops.reference import ihl as _ihl_torch
 
 
 def rss_bytes() -> int:
@@ -27,17 +28,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cols", type=int, default=50257)
-    parser.add_argument("--impl", choices=_dispatch.IMPLS, default="torch")
+    parser.add_argument("--impl", choices=dispatch.IMPLS, default="torch")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    with _dispatch._force_impl(args.impl):  # warm-up: libraries and thread pools load before the base is read
+    with dispatch._force_impl(args.impl):  # warm-up: libraries and thread pools load before the base is read
         warm = torch.randn(8, args.cols, requires_grad=True)
         torch.autograd.grad(fastunlearn.ihl_loss(warm, torch.zeros(8, dtype=torch.long)), warm)
     logits = torch.randn(args.rows, args.cols).requires_grad_(True)  # pages touched: counted in the base
     labels = torch.randint(0, args.cols, (args.rows,))
     base = rss_bytes()
-    with _dispatch._force_impl(args.impl):
+    with dispatch._force_impl(args.impl):
         loss = fastunlearn.ihl_loss(logits, labels)
         (grad,) = torch.autograd.grad(loss, logits)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,7 +7,7 @@ import functools
 import torch
 
 import fastunlearn
-from fastunlearn import _dispatch
+from fastunlearn.ops import dispatch
 
 
 def eager_ihl(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -33,7 +33,7 @@ def loss_fn(provider: str):
     if provider == "fastunlearn-torch":
 
         def torch_path(logits, labels):
-            with _dispatch._force_impl("torch"):
+            with dispatch._force_impl("torch"):
                 return fastunlearn.ihl_loss(logits, labels)
 
         return torch_path

@@ -12,7 +12,7 @@ finished ones and resumes an interrupted fine-tune or unlearning run from its la
    questions were trained on).
 2. Target model: ``fastunlearn.finetune`` of the real model on forget + retain pairs (answer-only loss).
 3. Retain model: the same fine-tune on the retain pairs only (what perfect unlearning would leave). Its TOFU
-   evaluation is the reference of forget quality (``fastunlearn.tofu.evaluate_tofu``).
+   evaluation is the reference of forget quality (``fastunlearn.evals.tofu.evaluate_tofu``).
 4. Each method (GA, GD, LoRA + GD, LoRA + IHL, FILA + IHL: ``paper/table1_config.methods``) unlearns the forget set
    from the target model through ``fastunlearn.unlearn`` with ``stop="epochs"`` (TOFU: 5 epochs; an epoch is one
    update from the whole forget set), the retain pairs as its retain set; its ``on_epoch`` hook evaluates forget
@@ -108,8 +108,8 @@ def first_authors(pairs: list, authors: int | None) -> list:
 def load_data(args, split: str, tokenizer) -> dict:
     """The split's training sets (QA pairs and their tokenized SequenceSets) and TOFU's evaluation sets, the
     retain evaluation questions limited to the retain authors trained on."""
-    from fastunlearn.qa import load_qa, tokenize_qa
-    from fastunlearn.tofu import load_tofu_sets
+    from fastunlearn.data.qa import load_qa, tokenize_qa
+    from fastunlearn.evals.tofu import load_tofu_sets
 
     sets = load_tofu_sets(args.data, split)
     forget = first_authors(sets["forget"], args.forget_authors)[: args.forget_pairs]
@@ -156,7 +156,7 @@ def finetuned(folder: Path, seqs, args):
 
 def evaluated(path: Path, model, tokenizer, sets, args, reference=None) -> dict:
     """``evaluate_tofu`` of ``model``, cached as JSON in ``path``."""
-    from fastunlearn.tofu import save_result
+    from fastunlearn.evals.tofu import save_result
 
     if path.is_file():
         return json.loads(path.read_text())
@@ -166,7 +166,7 @@ def evaluated(path: Path, model, tokenizer, sets, args, reference=None) -> dict:
 
 
 def evaluate(model, tokenizer, sets, args, reference=None) -> dict:
-    from fastunlearn.tofu import evaluate_tofu
+    from fastunlearn.evals.tofu import evaluate_tofu
 
     return evaluate_tofu(model, tokenizer, sets, retain_reference=reference, max_questions=args.eval_questions,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=args.template,
@@ -186,7 +186,7 @@ def summary(result: dict) -> dict:
 def unlearn_method(method, target_dir: Path, data: dict, target_eval: dict, retain_eval: dict, folder: Path,
                    args) -> dict:  # fmt: skip
     """One method from the target model, stop="epochs", its hook evaluating TOFU; the runs.jsonl record."""
-    from fastunlearn.data import UnlearningData
+    from fastunlearn.data.text import UnlearningData
     from fastunlearn.engine import DEFAULT_LR, UnlearnConfig, unlearn
     from fastunlearn.models import load_model
 

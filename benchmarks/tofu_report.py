@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from fastunlearn._atomic import atomic_write
+from fastunlearn.utils.atomic import atomic_write
 
 ORDER = ("GA", "GD", "LoRA + GD", "LoRA + IHL", "FILA + IHL")
 

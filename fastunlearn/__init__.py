@@ -1,21 +1,18 @@
 """fastunlearn: kernel-optimized LLM unlearning (Inverted Hinge Loss, FILA; Cha et al., arXiv 2408.06621).
 
 Importing never initializes CUDA and never needs Triton, the compiled extension or transformers: the fast paths
-are probed once, without importing either (see ``fastunlearn._dispatch``); the engine loads on first use.
+are probed once, without importing either (see ``fastunlearn.ops.dispatch``); the engine loads on first use.
 ``__all__`` lists the public API in brief; the other names below stay importable from here for existing code,
 and every name is importable from its module.
 """
 
 import importlib
 
-from .export import save_merged_model, save_peft_adapter
-from .fila import FilaConfig, fila_init
-from .fisher import empirical_fisher, relative_fisher
-from .fused_linear import FusedLinearIHL, fused_linear_ihl
-from .ihl import IHLLoss, ihl_loss
-from .logprob import fused_linear_logprob, token_logprob
-from .lora import LoRALinear, inject_lora
-from .objectives import (
+from fastunlearn.lora.export import save_merged_model, save_peft_adapter
+from fastunlearn.lora.fila import FilaConfig, fila_init
+from fastunlearn.lora.fisher import empirical_fisher, relative_fisher
+from fastunlearn.lora.layer import LoRALinear, inject_lora
+from fastunlearn.losses import (
     UnlearningLoss,
     causal_lm_ihl_loss,
     ga_loss,
@@ -25,12 +22,20 @@ from .objectives import (
     simnpo_loss,
     unlearning_loss,
 )
+from fastunlearn.ops.fused_linear import FusedLinearIHL, fused_linear_ihl
+from fastunlearn.ops.ihl import IHLLoss, ihl_loss
+from fastunlearn.ops.logprob import fused_linear_logprob, token_logprob
+from fastunlearn.utils import moved
 
 # Also importable from here (the README's API table uses these names), though not in the short __all__.
-from ._dispatch import has_csrc as has_csrc, has_triton as has_triton, select_impl as select_impl  # isort: skip
-from .lora import lora_layers as lora_layers, trainable_parameters as trainable_parameters  # isort: skip
-from .lowrank import weighted_lowrank as weighted_lowrank  # isort: skip
-from .lowrank import weighted_lowrank_grouped as weighted_lowrank_grouped  # isort: skip
+from fastunlearn.ops.dispatch import has_csrc as has_csrc, has_triton as has_triton  # isort: skip
+from fastunlearn.ops.dispatch import select_impl as select_impl  # isort: skip
+from fastunlearn.lora.layer import lora_layers as lora_layers  # isort: skip
+from fastunlearn.lora.layer import trainable_parameters as trainable_parameters  # isort: skip
+from fastunlearn.ops.lowrank import weighted_lowrank as weighted_lowrank  # isort: skip
+from fastunlearn.ops.lowrank import weighted_lowrank_grouped as weighted_lowrank_grouped  # isort: skip
+
+moved.install()  # old import paths (fastunlearn.metrics, fastunlearn.objectives, ...) keep working
 
 __version__ = "0.1.0"
 
@@ -45,7 +50,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
 
 
-# The public API in brief; everything else is importable from its module (fastunlearn.metrics, .data, ...).
+# The public API in brief; everything else is importable from its module (fastunlearn.evals.metrics, .data, ...).
 __all__ = [
     # losses
     "FusedLinearIHL",

@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import _validate
-from ._optional import missing
-from .fused_linear import fused_linear_ihl
-from .logprob import fused_linear_logprob
-from .lora import LoRALinear
-from .objectives import shift_causal
+from fastunlearn.lora.layer import LoRALinear
+from fastunlearn.losses import shift_causal
+from fastunlearn.ops.fused_linear import fused_linear_ihl
+from fastunlearn.ops.logprob import fused_linear_logprob
+from fastunlearn.utils import validate
+from fastunlearn.utils.optional import missing
 
 try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -138,7 +138,7 @@ def fused_causal_lm_ihl(
     (B, T - 1) for ``reduction="none"``. ``backbone_kwargs`` go to the backbone's forward.
     """
     backbone, head = _backbone_and_head(model)
-    _validate.check_reduction_and_margin(reduction, margin)  # before the backbone's forward runs
+    validate.check_reduction_and_margin(reduction, margin)  # before the backbone's forward runs
     backbone_kwargs = {"use_cache": False, **backbone_kwargs}  # no cache: nothing is generated
     outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
     hidden = outputs.last_hidden_state  # (B, T, H)
@@ -203,7 +203,7 @@ def patch_fused_ihl(
     Patching again replaces the options; the original forward is kept. Alias: :func:`patch_fused_lm`.
     """
     check_fused_ihl_support(model)
-    _validate.check_reduction_and_margin(reduction, margin)
+    validate.check_reduction_and_margin(reduction, margin)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if "forward" in vars(model) and not is_fused_ihl_patched(model):

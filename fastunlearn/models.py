@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._atomic import atomic_directory
+from fastunlearn.utils.atomic import atomic_directory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Any of these in a model directory means it has a tokenizer (fast, slow, SentencePiece, word-piece).

@@ -19,21 +19,17 @@ products, float32 accumulation) on CUDA and are upcast first in the interpreter,
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 # Fixed launch configuration on CUDA: not yet tuned on a GPU (dot tiles need every dimension >= 16).
 # The interpreter pays per loop iteration per program, so it takes each dimension whole, up to 256.
 _BLOCK_O, _BLOCK_I, _BLOCK_T, _NUM_WARPS, _NUM_STAGES = 64, 64, 32, 4, 3
 _INTERPRETER_MAX_BLOCK = 256
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -85,7 +81,7 @@ def _fisher_kernel(
 
 def _block(size: int, default: int, given: int | None, name: str) -> int:
     if given is None:
-        given = min(_INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(size))) if _interpreting() else default
+        given = min(_INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(size))) if interpreting() else default
     if given < 16 or given & (given - 1):
         raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {given}")
     return given
@@ -127,7 +123,7 @@ def fisher_accumulate(
         x, *x.stride(), g, *g.stride(), fisher, *fisher.stride(),
         n_examples, n_tokens, n_out, n_in,
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
-        UPCAST=_interpreting() and x.dtype != torch.float32, INPUT_PRECISION="tf32" if tf32 else "ieee",
+        UPCAST=interpreting() and x.dtype != torch.float32, INPUT_PRECISION="tf32" if tf32 else "ieee",
         num_warps=num_warps or _NUM_WARPS, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return fisher

@@ -19,11 +19,11 @@ Row conventions shared with the torch and C++ paths:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 # Launch configuration. The backward is a plain streaming pass: 4096-element blocks and 16 warps measured
 # best on an H200 (93% of the device-copy bandwidth at (8192, 128256) bf16, benchmarks/sweep_ihl_blocks.py).
@@ -31,21 +31,17 @@ import triton.language as tl
 # over the configs below (it writes only its outputs, so trial runs are harmless). The interpreter pays
 # per loop iteration, so it takes the whole row (up to 2^17) at once with one config.
 _BACKWARD_BLOCK_V, _BACKWARD_NUM_WARPS = 4096, 16
-_FORWARD_CONFIGS = [
+FORWARD_CONFIGS = [
     triton.Config({"BLOCK_V": block_v}, num_warps=warps)
     for block_v, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
 ]
 _INTERPRETER_MAX_BLOCK_V = 1 << 17
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _launch_config(n_cols: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+def launch_config(n_cols: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
     """Explicit (block_v, num_warps), or the fixed backward default (whole row in the interpreter)."""
     if block_v is None:
-        cap = _INTERPRETER_MAX_BLOCK_V if _interpreting() else _BACKWARD_BLOCK_V
+        cap = _INTERPRETER_MAX_BLOCK_V if interpreting() else _BACKWARD_BLOCK_V
         block_v = min(cap, triton.next_power_of_2(n_cols))
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
@@ -127,7 +123,7 @@ def _ihl_forward_kernel(
     tl.store(runner_ptr + row, tl.where(finite, r_idx, -1).to(tl.int32))
 
 
-_ihl_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["n_cols"])(_ihl_forward_kernel)
+_ihl_forward_autotuned = triton.autotune(configs=FORWARD_CONFIGS, key=["n_cols"])(_ihl_forward_kernel)
 
 
 # Gradient. With p_k = exp((z_k - m) - log s), dp_k/dz_v = p_k (δ_kv - p_v), so for L = margin + p_y - p_r:
@@ -209,10 +205,10 @@ def ihl_forward(
     if n_rows == 0:
         return loss, stats, runner
     args = (logits, logits.stride(0), labels, loss, stats, runner, n_cols, ignore_index, margin)
-    if block_v is None and num_warps is None and not _interpreting():
+    if block_v is None and num_warps is None and not interpreting():
         _ihl_forward_autotuned[(n_rows,)](*args)
     else:
-        block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
+        block_v, num_warps = launch_config(n_cols, block_v, num_warps)
         _ihl_forward_kernel[(n_rows,)](*args, BLOCK_V=block_v, num_warps=num_warps)
     return loss, stats, runner
 
@@ -237,7 +233,7 @@ def ihl_backward(
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return grad_out
-    block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
+    block_v, num_warps = launch_config(n_cols, block_v, num_warps)
     _ihl_backward_kernel[(n_rows,)](
         logits, logits.stride(0), grad_out, grad_out.stride(0), labels, stats, runner,
         grad_rows, grad_rows.stride(0),

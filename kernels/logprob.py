@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ihl import _FORWARD_CONFIGS, _interpreting, _launch_config
+from .ihl import FORWARD_CONFIGS, launch_config
+from .launch import interpreting
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def _logprob_forward_kernel(
     tl.store(stats_ptr + 2 * row + 1, log_s)
 
 
-_logprob_forward_autotuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["n_cols"])(_logprob_forward_kernel)
+_logprob_forward_autotuned = triton.autotune(configs=FORWARD_CONFIGS, key=["n_cols"])(_logprob_forward_kernel)
 
 
 @triton.jit
@@ -100,10 +101,10 @@ def logprob_forward(
     if n_rows == 0:
         return logp, stats
     args = (logits, logits.stride(0), labels, logp, stats, n_cols, ignore_index)
-    if block_v is None and num_warps is None and not _interpreting():
+    if block_v is None and num_warps is None and not interpreting():
         _logprob_forward_autotuned[(n_rows,)](*args)
     else:
-        block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
+        block_v, num_warps = launch_config(n_cols, block_v, num_warps)
         _logprob_forward_kernel[(n_rows,)](*args, BLOCK_V=block_v, num_warps=num_warps)
     return logp, stats
 
@@ -119,7 +120,7 @@ def logprob_backward(
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return grad
-    block_v, num_warps = _launch_config(n_cols, block_v, num_warps)
+    block_v, num_warps = launch_config(n_cols, block_v, num_warps)
     _logprob_backward_kernel[(n_rows,)](
         logits, logits.stride(0), grad, grad.stride(0), labels, stats, grad_rows, grad_rows.stride(0), n_cols,
         ignore_index, BLOCK_V=block_v, num_warps=num_warps,

@@ -8,21 +8,21 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastunlearn import _dispatch  # noqa: E402
+from fastunlearn.ops import dispatch  # noqa: E402
 
 # (impl, skip reason or None): every path that can run here, the torch reference path always.
 IMPL_PARAMS = [
     pytest.param("torch", id="torch"),
     pytest.param(
-        "csrc", id="csrc", marks=pytest.mark.skipif(not _dispatch.has_csrc(), reason="fastunlearn._C not built")
+        "csrc", id="csrc", marks=pytest.mark.skipif(not dispatch.has_csrc(), reason="fastunlearn._C not built")
     ),
     pytest.param(
         "triton",
         id="triton",
         marks=[
             pytest.mark.interpreter,
-            pytest.mark.skipif(not _dispatch.has_triton(), reason="triton not installed"),
-            pytest.mark.skipif(not _dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1"),
+            pytest.mark.skipif(not dispatch.has_triton(), reason="triton not installed"),
+            pytest.mark.skipif(not dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1"),
         ],
     ),
 ]
@@ -31,7 +31,7 @@ IMPL_PARAMS = [
 @pytest.fixture
 def force_impl():
     """force_impl(name) -> context manager forcing that backend."""
-    return _dispatch._force_impl
+    return dispatch._force_impl
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,12 +19,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, tiny_model
 
-from fastunlearn import distributed as dist_utils
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, unlearn
-from fastunlearn.fila import fila_init
-from fastunlearn.fisher import empirical_fisher
-from fastunlearn.lowrank import weighted_lowrank_grouped
+from fastunlearn.lora.fila import fila_init
+from fastunlearn.lora.fisher import empirical_fisher
+from fastunlearn.ops.lowrank import weighted_lowrank_grouped
+from fastunlearn.utils import distributed as dist_utils
 
 DEVICE = os.environ.get("FASTUNLEARN_TEST_DIST_DEVICE", "cpu")
 
@@ -119,7 +119,7 @@ def lockstep_case(work: Path) -> dict[str, torch.Tensor]:
     both ranks' calls, unsharded); returns the logits of every call, in (rank, call) order."""
     from torch.distributed.fsdp import fully_shard
 
-    from fastunlearn import _parallel
+    from fastunlearn.engine import parallel
 
     model = tiny_model("gpt_neo").to(device())
     process = dist_utils.current()
@@ -129,7 +129,7 @@ def lockstep_case(work: Path) -> dict[str, torch.Tensor]:
             fully_shard(block)
         fully_shard(model)
     mine = [key for key in calls if key[0] == process.rank or not process.distributed]
-    with torch.no_grad(), _parallel.lockstep(model):
+    with torch.no_grad(), parallel.lockstep(model):
         logits = {key: model(input_ids=calls[key].to(device())).logits.cpu() for key in mine}
     rows = torch.stack([logits.get(key, torch.zeros(2, 12, VOCAB)) for key in calls])  # (calls, 2, 12, V)
     index = torch.tensor([i for i, key in enumerate(calls) if key in logits])

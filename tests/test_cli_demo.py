@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from fastunlearn import cli, demo
-from fastunlearn.demo import DemoConfig, main
-from fastunlearn.demo_data import make_records
+from fastunlearn import cli
+from fastunlearn.demo import toy as demo
+from fastunlearn.demo.data import make_records
+from fastunlearn.demo.toy import DemoConfig, main
 
 # the demo pipeline at a third of the default size: memorized in ~50 steps, unlearned in ~25 epochs
 SMALL = {"n_forget": 4, "n_retain": 8, "n_heldout": 4, "seq_len": 24, "n_examples": 2}

@@ -16,7 +16,7 @@ import torch
 from tiny_models import tiny_model
 
 from fastunlearn import cli
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.data.text import SequenceSet, UnlearningData
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -171,7 +171,7 @@ def test_runtime_failure_exits_3_with_the_traceback_in_a_log(ws, tmp_path, capsy
 def test_runtime_failure_without_an_out_dir_logs_to_a_temporary_file(ws, tmp_path, capsys, monkeypatch):
     import tempfile
 
-    from fastunlearn import metrics
+    from fastunlearn.evals import metrics
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: 1 / 0)
@@ -206,14 +206,16 @@ def test_help_documents_the_exit_statuses(capsys, argv):
 
 # ---- case 9: files and directories that cannot be written
 def test_eval_json_that_is_a_directory(ws, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("checked after loading the model"))
+    monkeypatch.setattr(
+        "fastunlearn.cli.eval.load_model", lambda *a, **k: pytest.fail("checked after loading the model")
+    )
     argv = ["eval", "--model", str(ws / "model"), "--set", f"f={ws / 'forget.txt'}", "--json", str(tmp_path)]
     assert cli.main(argv) == 2
     one_line_error(capsys, "--json", tmp_path, "directory")
 
 
 def test_demo_cache_dir_that_cannot_be_created(ws, capsys, monkeypatch):
-    from fastunlearn import demo
+    from fastunlearn.demo import toy as demo
 
     monkeypatch.setattr(demo, "memorize", lambda *a, **k: pytest.fail("checked after training"))
     cache = ws / "a-file" / "cache"  # under a regular file: cannot be created, even by root
@@ -223,7 +225,7 @@ def test_demo_cache_dir_that_cannot_be_created(ws, capsys, monkeypatch):
 
 
 def test_disk_full_during_export_names_the_output(ws, tmp_path, capsys, monkeypatch):
-    from fastunlearn import export
+    from fastunlearn.lora import export
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -277,7 +279,7 @@ def test_exported_files_respect_the_umask(tmp_path, umask):
 
 # ---- JSON: a non-finite number is named by its key path
 def test_write_json_names_a_non_finite_value(tmp_path):
-    from fastunlearn.report import write_json
+    from fastunlearn.engine.report import write_json
 
     log = {"tasks": [{"epochs": [{"forget_loss": 1.0}, {"forget_loss": float("nan")}]}]}
     with pytest.raises(RuntimeError, match=r"log\.json: tasks\[0\]\.epochs\[1\]\.forget_loss is nan"):

@@ -1,6 +1,6 @@
 """The CLI's printed examples: a command continued on the next line ends with a backslash."""
 
-from fastunlearn.cli import EXAMPLES
+from fastunlearn.cli.app import EXAMPLES
 
 
 def test_continued_example_lines_end_with_a_backslash():

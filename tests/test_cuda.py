@@ -7,8 +7,8 @@ import torch
 from reference import CASES, DTYPE_TOLERANCES, assert_close_verbose, check_against_reference, make_case, run_loss
 
 import fastunlearn
-from fastunlearn._logprob_torch import logprob_reference
-from fastunlearn.logprob import fused_linear_logprob
+from fastunlearn.ops.logprob import fused_linear_logprob
+from fastunlearn.ops.reference.logprob import logprob_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -20,7 +20,7 @@ DTYPES = list(DTYPE_TOLERANCES)
 
 @pytest.fixture(autouse=True)
 def _not_interpreting(monkeypatch):
-    if fastunlearn._dispatch.triton_interpreting():
+    if fastunlearn.ops.dispatch.triton_interpreting():
         pytest.skip("TRITON_INTERPRET=1: run the CUDA tests with TRITON_INTERPRET=0")
 
 

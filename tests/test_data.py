@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from fastunlearn.data import (
+from fastunlearn.data.text import (
     SequenceConfig,
     SequenceSet,
     iterate_batches,

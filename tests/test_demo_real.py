@@ -9,9 +9,11 @@ import json
 import pytest
 from test_tied_embeddings import tiny_llama
 
-from fastunlearn import cli, demo, demo_real
-from fastunlearn.demo_data import train_tokenizer
-from fastunlearn.demo_real import RealDemoConfig
+from fastunlearn import cli
+from fastunlearn.demo import real as demo_real
+from fastunlearn.demo import toy as demo
+from fastunlearn.demo.data import train_tokenizer
+from fastunlearn.demo.real import RealDemoConfig
 from fastunlearn.models import REAL_DIR
 
 SMALL = {"n_forget": 4, "n_retain": 4, "n_heldout": 4, "seq_len": 24, "memorize_steps": 400, "memorize_lr": 3e-3,

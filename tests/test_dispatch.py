@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastunlearn
-from fastunlearn import _dispatch
-from fastunlearn.ihl import _ihl_forward_op
+from fastunlearn.ops import dispatch
+from fastunlearn.ops.ihl import _ihl_forward_op
 
 
 def test_import_is_lean():
@@ -30,9 +30,9 @@ def test_import_is_lean():
 
 def test_automatic_choice_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTUNLEARN_IMPL", raising=False)
-    expected = "csrc" if _dispatch.has_csrc() else "torch"
+    expected = "csrc" if dispatch.has_csrc() else "torch"
     assert fastunlearn.select_impl(torch.device("cpu")) == expected
-    monkeypatch.setattr(_dispatch, "HAS_CSRC", False)
+    monkeypatch.setattr(dispatch, "HAS_CSRC", False)
     assert fastunlearn.select_impl(torch.device("cpu")) == "torch"
 
 
@@ -47,11 +47,11 @@ def test_env_forces_an_impl_and_fails_loudly(monkeypatch):
     with pytest.raises(RuntimeError, match="'triton' was requested but cannot run.*TRITON_INTERPRET"):
         fastunlearn.ihl_loss(torch.randn(2, 5), torch.tensor([0, 1]))
     monkeypatch.setenv("FASTUNLEARN_IMPL", "csrc")
-    monkeypatch.setattr(_dispatch, "HAS_CSRC", False)
-    monkeypatch.setattr(_dispatch, "_CSRC_MISSING", "not built (test)")
+    monkeypatch.setattr(dispatch, "HAS_CSRC", False)
+    monkeypatch.setattr(dispatch, "CSRC_MISSING", "not built (test)")
     with pytest.raises(RuntimeError, match="'csrc' was requested.*not built"):
         fastunlearn.ihl_loss(torch.randn(2, 5), torch.tensor([0, 1]))
-    monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
     monkeypatch.setenv("FASTUNLEARN_IMPL", "triton")
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fastunlearn.select_impl(torch.device("cpu"))
@@ -59,7 +59,7 @@ def test_env_forces_an_impl_and_fails_loudly(monkeypatch):
 
 def test_op_without_the_forced_path_raises(force_impl):
     with force_impl("csrc"), pytest.raises(RuntimeError, match="has no 'csrc' path"):
-        _dispatch.select_impl(torch.device("cpu"), available=("torch", "triton"))
+        dispatch.select_impl(torch.device("cpu"), available=("torch", "triton"))
 
 
 def test_force_impl_override_wins_over_env(monkeypatch, force_impl):
@@ -99,13 +99,13 @@ def test_registry_backends_load_with_the_ops_attributes():
         "weighted_lowrank": (),
         "logprob": ("logprob_forward", "logprob_backward"),
     }
-    assert set(_dispatch.OPS) == set(expected)
-    for op, spec in _dispatch.OPS.items():
-        assert "torch" in spec.backends and set(spec.backends) <= set(_dispatch.IMPLS)
+    assert set(dispatch.OPS) == set(expected)
+    for op, spec in dispatch.OPS.items():
+        assert "torch" in spec.backends and set(spec.backends) <= set(dispatch.IMPLS)
         for impl in spec.backends:
-            if (impl == "csrc" and not _dispatch.has_csrc()) or (impl == "triton" and not _dispatch.has_triton()):
+            if (impl == "csrc" and not dispatch.has_csrc()) or (impl == "triton" and not dispatch.has_triton()):
                 continue
-            backend = _dispatch.implementation(op, impl)
+            backend = dispatch.implementation(op, impl)
             if expected[op]:  # a module of functions
                 assert all(callable(getattr(backend, name)) for name in expected[op]), (op, impl)
             else:  # one function
@@ -115,8 +115,8 @@ def test_registry_backends_load_with_the_ops_attributes():
 def test_impl_argument_runs_that_implementation(monkeypatch):
     """impl= wins over FASTUNLEARN_IMPL, and the loss then runs exactly that backend."""
     used = []
-    load = _dispatch.implementation
-    monkeypatch.setattr(_dispatch, "implementation", lambda op, impl: used.append((op, impl)) or load(op, impl))
+    load = dispatch.implementation
+    monkeypatch.setattr(dispatch, "implementation", lambda op, impl: used.append((op, impl)) or load(op, impl))
     monkeypatch.setenv("FASTUNLEARN_IMPL", "triton")
     logits, labels = torch.randn(4, 9, requires_grad=True), torch.tensor([0, 3, -100, 8])
     fastunlearn.ihl_loss(logits, labels, impl="torch").backward()
@@ -128,8 +128,8 @@ def test_impl_argument_runs_that_implementation(monkeypatch):
 
 def test_unavailable_or_unknown_impl_raises_naming_it(monkeypatch):
     logits, labels = torch.randn(2, 5), torch.tensor([0, 1])
-    monkeypatch.setattr(_dispatch, "HAS_CSRC", False)
-    monkeypatch.setattr(_dispatch, "_CSRC_MISSING", "not built (test)")
+    monkeypatch.setattr(dispatch, "HAS_CSRC", False)
+    monkeypatch.setattr(dispatch, "CSRC_MISSING", "not built (test)")
     with pytest.raises(RuntimeError, match="implementation 'csrc' was requested but cannot run: not built"):
         fastunlearn.ihl_loss(logits, labels, impl="csrc")
     with pytest.raises(RuntimeError, match="implementation 'csrc' was requested"):
@@ -140,10 +140,10 @@ def test_unavailable_or_unknown_impl_raises_naming_it(monkeypatch):
 
 def test_triton_dtype_limits_come_from_the_registry():
     """The Fisher kernel takes half and float32 inputs only: float64 falls back, or raises when requested."""
-    from fastunlearn.fisher import accumulate_per_example
+    from fastunlearn.lora.fisher import accumulate_per_example
 
     cpu = torch.device("cpu")
-    assert _dispatch.select("fisher", cpu, dtypes=(torch.float64,)) == "torch"
+    assert dispatch.select("fisher", cpu, dtypes=(torch.float64,)) == "torch"
     x, g = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="'triton' was requested but cannot run: this op has no 'triton' path"):
         accumulate_per_example(torch.zeros(5, 4, dtype=torch.float64), x, g, 2**20, impl="triton")

@@ -1,4 +1,4 @@
-"""lm-eval downstream evaluation (``fastunlearn.downstream`` and ``eval --lm-eval-tasks``) on a tiny random
+"""lm-eval downstream evaluation (``fastunlearn.evals.downstream`` and ``eval --lm-eval-tasks``) on a tiny random
 GPT-Neo with a character-level tokenizer, offline: two local tasks (tests/data/lm_eval_tiny) whose scores are
 recomputed here from the model's log-likelihoods, unknown and unavailable tasks, and a missing lm-eval."""
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from fastunlearn import cli, downstream
+from fastunlearn import cli
+from fastunlearn.evals import downstream
 
 pytest.importorskip("lm_eval")
 

@@ -14,9 +14,9 @@ from test_cli_unlearn import workspace  # noqa: F401 - the CLI's tiny saved mode
 from tiny_models import tiny_model
 
 from fastunlearn import cli
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, cache, evaluation, params, progress, unlearn
-from fastunlearn.metrics import perplexity
+from fastunlearn.evals.metrics import perplexity
 
 SEQ_LEN = 12
 # a random tiny GPT-Neo: nothing to unlearn, so a criterion no epoch meets runs exactly max_epochs
@@ -287,7 +287,7 @@ def test_cli_flags_and_engine_lines_on_stderr(workspace, tmp_path, capsys, resto
 
 
 def test_the_demo_and_the_engine_share_one_cache_root(monkeypatch, tmp_path):
-    from fastunlearn import demo
+    from fastunlearn.demo import toy as demo
 
     monkeypatch.setenv("FASTUNLEARN_CACHE_DIR", str(tmp_path / "root"))
     assert cache.cache_root() == tmp_path / "root"

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model, token_batch
 from transformers import AutoModelForCausalLM
 
-from fastunlearn import export
-from fastunlearn.lora import inject_lora, lora_layers
+from fastunlearn.lora import export
+from fastunlearn.lora.layer import inject_lora, lora_layers
 
 peft = pytest.importorskip("peft")
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_model
 
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, checkpoint, outdir, outputs, recipe, unlearn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,11 +9,11 @@ import torch
 from reference import assert_close_verbose
 from tiny_models import KINDS, VOCAB, tiny_model
 
-from fastunlearn.fila import FilaConfig, fila_init, lora_factors, row_weights_from_fisher
-from fastunlearn.fisher import relative_fisher
-from fastunlearn.lora import inject_lora, trainable_parameters
-from fastunlearn.lowrank import LowRank
-from fastunlearn.targets import find_targets, weight_out_in
+from fastunlearn.lora.fila import FilaConfig, fila_init, lora_factors, row_weights_from_fisher
+from fastunlearn.lora.fisher import relative_fisher
+from fastunlearn.lora.layer import inject_lora, trainable_parameters
+from fastunlearn.lora.targets import find_targets, weight_out_in
+from fastunlearn.ops.lowrank import LowRank
 
 
 def data(seed: int, n: int = 6, t: int = 12) -> torch.Tensor:
@@ -88,7 +88,7 @@ def test_zero_row_weights_give_zero_rows_of_b():
 
 def test_training_moves_the_model_and_export_reproduces_it(tmp_path):
     peft = pytest.importorskip("peft")
-    from fastunlearn.export import save_peft_adapter
+    from fastunlearn.lora.export import save_peft_adapter
 
     model = tiny_model("gpt_neo")
     fila_init(model, FORGET, RETAIN, "preset", rank=2, alpha=4.0)

@@ -12,7 +12,7 @@ import torch
 from tiny_models import VOCAB, tiny_model, word_tokenizer
 
 from fastunlearn import cli
-from fastunlearn.data import SequenceSet
+from fastunlearn.data.text import SequenceSet
 from fastunlearn.engine import finetune as ft
 from fastunlearn.engine.finetune import FinetuneConfig, finetune, learning_rate, sft_step
 from fastunlearn.engine.outdir import OutDirError

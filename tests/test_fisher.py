@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from reference import assert_close_verbose
 from torch import nn
 
-from fastunlearn import _dispatch, _fisher_torch, fisher
-from fastunlearn.fisher import FisherResult, empirical_fisher, relative_fisher
-from fastunlearn.targets import find_targets
+from fastunlearn.lora import fisher
+from fastunlearn.lora.fisher import FisherResult, empirical_fisher, relative_fisher
+from fastunlearn.lora.targets import find_targets
+from fastunlearn.ops import dispatch
+from fastunlearn.ops.reference import fisher as _fisher_torch
 
 VOCAB, T = 50, 12
 RTOL = 2e-6  # the result is float32: a few roundings of 2^-24 relative
@@ -196,8 +198,8 @@ def test_torch_path_chunks_give_the_same_result():
 
 def interpreter(test):
     """The marks of a test that runs the Triton kernel on CPU tensors."""
-    test = pytest.mark.skipif(not _dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")(test)
-    test = pytest.mark.skipif(not _dispatch.has_triton(), reason="triton not installed")(test)
+    test = pytest.mark.skipif(not dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")(test)
+    test = pytest.mark.skipif(not dispatch.has_triton(), reason="triton not installed")(test)
     return pytest.mark.interpreter(test)
 
 

@@ -9,9 +9,9 @@ import pytest
 from test_hf_trainer import DEMO, EL_N, as_set, training_args
 from tiny_models import memorize
 
-from fastunlearn.data import SequenceSet
+from fastunlearn.data.text import SequenceSet
+from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy
 from fastunlearn.integrations.hf import ForgetRetainDataset, UnlearningCallback, UnlearningTrainer
-from fastunlearn.metrics import extraction_likelihood, memorization_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,9 +15,8 @@ import torch
 from tiny_models import MemorizerConfig, tiny_model
 from transformers import TrainingArguments
 
-from fastunlearn.data import SequenceSet
+from fastunlearn.data.text import SequenceSet
 from fastunlearn.fused_lm import patch_fused_ihl
-from fastunlearn.ihl import ihl_loss
 from fastunlearn.integrations.hf import (
     ForgetRetainDataset,
     UnlearningTrainer,
@@ -25,7 +24,8 @@ from fastunlearn.integrations.hf import (
     count_targets,
     unlearning_compute_loss,
 )
-from fastunlearn.objectives import UnlearningLossOutput, ga_loss, retain_loss, shift_causal
+from fastunlearn.losses import UnlearningLossOutput, ga_loss, retain_loss, shift_causal
+from fastunlearn.ops.ihl import ihl_loss
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 EL_N = 5  # EL_5 fits 16 tokens

@@ -20,7 +20,8 @@ from reference import (
 )
 
 import fastunlearn
-from fastunlearn import _dispatch, _ihl_torch
+from fastunlearn.ops import dispatch
+from fastunlearn.ops.reference import ihl as _ihl_torch
 
 DTYPES = list(DTYPE_TOLERANCES)
 
@@ -123,7 +124,7 @@ def test_torch_path_chunks_give_the_same_result(monkeypatch, force_impl):
 
 
 @pytest.mark.interpreter
-@pytest.mark.skipif(not _dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.skipif(not dispatch.triton_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_kernels_across_several_blocks(dtype):
     """Small blocks: the online log-sum-exp and the runner-up carried across loop iterations."""

@@ -9,11 +9,11 @@ import torch
 from conftest import IMPL_PARAMS
 from reference import assert_close_verbose
 
-from fastunlearn import _dispatch
-from fastunlearn._logprob_torch import logprob_reference
-from fastunlearn.logprob import fused_linear_logprob, token_logprob
+from fastunlearn.ops import dispatch
+from fastunlearn.ops.logprob import fused_linear_logprob, token_logprob
+from fastunlearn.ops.reference.logprob import logprob_reference
 
-LOGPROB_IMPLS = [p for p in IMPL_PARAMS if p.values[0] in _dispatch.OPS["logprob"].backends]
+LOGPROB_IMPLS = [p for p in IMPL_PARAMS if p.values[0] in dispatch.OPS["logprob"].backends]
 
 
 def make_inputs(n_rows=11, hidden=16, n_classes=37, dtype=torch.float32, bias=True, seed=0):
@@ -116,7 +116,7 @@ def test_ignored_labels_give_zero_and_no_gradient():
 @pytest.mark.parametrize("impl", LOGPROB_IMPLS)
 def test_backend_rows_on_extreme_logits_match_float64(impl):
     """Huge, tiny and -inf logits (not at the label): finite log-probabilities and the exact gradient rows."""
-    backend = _dispatch.implementation("logprob", impl)
+    backend = dispatch.implementation("logprob", impl)
     z = torch.randn(6, 9) * 3
     z[0] = 1e4
     z[0, 2] = -1e4  # label 2 far below the rest: logp ~ -2e4
@@ -138,7 +138,7 @@ def test_backend_rows_on_extreme_logits_match_float64(impl):
 
 def test_never_more_than_chunk_rows_of_logits(monkeypatch):
     """Each chunk's logits are (<= chunk_rows, V): the (N, V) logits never exist (forward and backward)."""
-    import fastunlearn._logprob_torch as backend
+    import fastunlearn.ops.reference.logprob as backend
 
     seen = []
 
@@ -172,7 +172,7 @@ def test_token_logprob_matches_float64_reference():
 
 
 def test_dispatch_serves_cpu_with_the_torch_backend():
-    assert _dispatch.select("logprob", torch.device("cpu")) == "torch"
+    assert dispatch.select("logprob", torch.device("cpu")) == "torch"
     with pytest.raises(RuntimeError, match="has no 'csrc' path"):
         fused_linear_logprob(*make_inputs()[:2], make_inputs()[3], impl="csrc")
 

@@ -11,7 +11,7 @@ from tiny_models import tiny_model, token_batch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fastunlearn.lora import LoRALinear, inject_lora, lora_layers, trainable_parameters
+from fastunlearn.lora.layer import LoRALinear, inject_lora, lora_layers, trainable_parameters
 
 N_IN, N_OUT, RANK, ALPHA = 12, 10, 3, 6.0
 

@@ -1,4 +1,4 @@
-"""Row-weighted low-rank SVD (fastunlearn.lowrank) against float64 SVDs: accuracy, edge cases, paths, API."""
+"""Row-weighted low-rank SVD (fastunlearn.ops.lowrank) against float64 SVDs: accuracy, edge cases, paths, API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import IMPL_PARAMS
 from reference import assert_close_verbose
 
-from fastunlearn.lowrank import LowRank, weighted_error, weighted_lowrank, weighted_lowrank_grouped
+from fastunlearn.ops.lowrank import LowRank, weighted_error, weighted_lowrank, weighted_lowrank_grouped
 
 LOWRANK_IMPLS = [p for p in IMPL_PARAMS if p.id == "torch"]  # the registry's weighted_lowrank op: torch only
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from tiny_models import VOCAB, tiny_model
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from fastunlearn import metrics
-from fastunlearn.objectives import retain_loss, shift_causal
+from fastunlearn.evals import metrics
+from fastunlearn.losses import retain_loss, shift_causal
 
 T = 24
 

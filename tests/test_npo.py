@@ -14,14 +14,15 @@ from safetensors.torch import load_file
 from test_cli_unlearn import workspace  # noqa: F401  (the CLI test's saved tiny model and text files)
 from tiny_models import MemorizerConfig, memorize, tiny_model
 
-from fastunlearn import cli, objectives
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn import cli
+from fastunlearn import losses as objectives
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, reference, unlearn
 from fastunlearn.engine.epoch import train_epoch
 from fastunlearn.engine.inputs import batch
 from fastunlearn.fused_lm import patch_fused_ihl
-from fastunlearn.lora import adapters_disabled, inject_lora
-from fastunlearn.objectives import forget_term, npo_loss, retain_term, simnpo_loss
+from fastunlearn.lora.layer import adapters_disabled, inject_lora
+from fastunlearn.losses import forget_term, npo_loss, retain_term, simnpo_loss
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 FAST = {"rank": 4, "alpha": 8.0, "lr": 2e-2, "el_n": 5, "micro_batch_size": 2}

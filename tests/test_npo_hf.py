@@ -21,7 +21,7 @@ from fastunlearn.integrations.hf import (
     reference_logprobs,
     unlearning_compute_loss,
 )
-from fastunlearn.objectives import npo_loss, retain_loss, sequence_logprob, shift_causal, simnpo_loss, token_logprobs
+from fastunlearn.losses import npo_loss, retain_loss, sequence_logprob, shift_causal, simnpo_loss, token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

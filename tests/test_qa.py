@@ -1,4 +1,4 @@
-"""fastunlearn.qa: question/answer pairs from JSON, JSON lines and dicts; chat and plain templates on a tiny
+"""fastunlearn.data.qa: question/answer pairs from JSON, JSON lines and dicts; chat and plain templates on a tiny
 word-level tokenizer; labels -100 exactly on the prompt and the padding; errors that name the file and field."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from tiny_models import word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from fastunlearn.qa import (
+from fastunlearn.data.qa import (
     IGNORE_INDEX,
     PLAIN_PROMPT,
     QAPair,

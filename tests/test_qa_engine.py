@@ -15,22 +15,21 @@ import torch
 import torch.nn.functional as F
 from tiny_models import MemorizerConfig, memorize, tiny_model
 
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.data.labels import answer_start
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, unlearn
 from fastunlearn.engine.inputs import data_fingerprint, fingerprint
 from fastunlearn.engine.params import setup_params
 from fastunlearn.engine.reference import sequence_logprobs
-from fastunlearn.fila import fila_init
-from fastunlearn.fused_lm import patch_fused_ihl
-from fastunlearn.ihl import ihl_loss
-from fastunlearn.metrics import (
+from fastunlearn.evals.metrics import (
     extraction_likelihood,
     extraction_likelihood_reference,
     memorization_accuracy,
     sequence_nll,
 )
-from fastunlearn.objectives import (
-    answer_start,
+from fastunlearn.fused_lm import patch_fused_ihl
+from fastunlearn.lora.fila import fila_init
+from fastunlearn.losses import (
     forget_term,
     forget_units,
     npo_loss,
@@ -38,6 +37,7 @@ from fastunlearn.objectives import (
     shift_causal,
     simnpo_loss,
 )
+from fastunlearn.ops.ihl import ihl_loss
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 FAST = {"rank": 4, "alpha": 8.0, "lr": 2e-2, "el_n": 5, "micro_batch_size": 2}

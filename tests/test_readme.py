@@ -51,8 +51,8 @@ def _line(rng: random.Random, n: int) -> str:
 @pytest.fixture
 def namespace(tmp_path, monkeypatch):
     """The README's assumed objects, and its files in the working directory."""
-    from fastunlearn import distributed
-    from fastunlearn.data import UnlearningData, tokenize_sequences
+    from fastunlearn.data.text import UnlearningData, tokenize_sequences
+    from fastunlearn.utils import distributed
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from tiny_models import MemorizerConfig, memorize
 
-from fastunlearn.cli import build_parser
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.cli.app import build_parser
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import STOPS, UnlearnConfig, unlearn
-from fastunlearn.metrics import memorization_accuracy
+from fastunlearn.evals.metrics import memorization_accuracy
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 FAST = {"params": "lora", "rank": 4, "alpha": 8.0, "lr": 2e-2, "el_n": 5, "micro_batch_size": 2}

@@ -12,36 +12,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Lower levels never import higher ones: cli -> engine -> building blocks -> ops -> kernels / csrc.
-LEVELS = {
-    "kernels": 0,
-    "ops": 1,  # losses, dispatch, checks, low-rank, targets, process groups
-    "blocks": 2,  # LoRA, FILA, Fisher, metrics, data, export, report, fused LM patch
-    "engine": 3,
-    "top": 4,  # cli, demo, integrations
-}
-OPS = {
-    "_validate", "_dispatch", "_optional", "_atomic", "_ihl_torch", "_fisher_torch", "_C", "ihl", "fused_linear",
-    "objectives", "targets", "distributed", "lowrank", "logprob", "_logprob_torch",
-}  # fmt: skip
-TOP = {
-    "cli", "cli_data", "cli_finetune", "cli_info", "cli_tofu", "__main__", "demo", "demo_cache", "demo_real",
-    "integrations",
-}  # fmt: skip
+# The layers, lowest first: a module's layer is its folder (or, at the package's top, its file). A module may
+# import its own layer and the ones below it, never one above.
+LAYERS = (
+    ("kernels", "_C"),  # Triton kernels (kernels/, installed as fastunlearn.kernels) and the C++ extension
+    ("utils",),  # checks, atomic files, optional dependencies, process groups, moved import paths
+    ("ops",),  # IHL, fused linear IHL, log-prob, Fisher accumulation, low-rank; dispatch; reference backends
+    ("data",),  # texts, QA pairs and the next-token target rule
+    ("losses",),  # the unlearning objectives built from the ops
+    ("lora",),  # LoRA layers, targets, the model's Fisher, FILA, export
+    ("models", "fused_lm"),  # loading a model; fused IHL / log-prob patched into Hugging Face models
+    ("evals",),  # TDEC metrics, TOFU, downstream tasks
+    ("engine",),  # the unlearning and fine-tuning recipes
+    ("integrations",),  # Hugging Face Trainer drop-ins, the public patch
+    ("demo",),  # the demos
+    ("cli", "__main__"),  # the command line
+)
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 
 
 def level(module: str) -> int:
-    """Level of a module given as its dotted path below ``fastunlearn`` ("" is the package itself)."""
+    """Layer of a module given as its dotted path below ``fastunlearn``: its first component names it."""
     head = module.split(".")[0]
-    if head == "kernels":
-        return LEVELS["kernels"]
-    if head in OPS:
-        return LEVELS["ops"]
-    if head == "engine":
-        return LEVELS["engine"]
-    if head in TOP or head == "":
-        return LEVELS["top"]
-    return LEVELS["blocks"]
+    assert head in LEVEL, f"fastunlearn.{module} is in no layer: add its folder to LAYERS"
+    return LEVEL[head]
 
 
 def package_modules() -> dict[str, Path]:
@@ -77,25 +71,81 @@ def imported(module: str, path: Path) -> set[str]:
     return out
 
 
+def module_graph() -> dict[str, set[str]]:
+    """module -> the modules of the package it imports (a name imported from a package resolves to its submodule
+    when there is one, else to the package)."""
+    modules = package_modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for target in imported(module, path):
+            if target == "_C":  # the compiled extension: no source file
+                targets.add(target)
+                continue
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target != module:
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
 def test_lower_layers_never_import_higher_ones():
     modules = package_modules()
-    assert {"ihl", "engine.recipe", "cli", "kernels.ihl", "metrics.extraction"} <= set(modules)
+    assert {"ops.ihl", "engine.recipe", "cli.app", "kernels.ihl", "evals.metrics.extraction"} <= set(modules)
     violations = []
-    for module, path in sorted(modules.items()):
+    for module, targets in sorted(module_graph().items()):
         if module == "":  # fastunlearn/__init__.py exports from every level (the engine lazily)
             continue
-        for target in imported(module, path):
+        for target in sorted(targets - {""}):
             if level(target) > level(module):
-                violations.append(f"{module} (level {level(module)}) imports {target} (level {level(target)})")
+                violations.append(f"{module} (layer {level(module)}) imports {target} (layer {level(target)})")
+        if "" in targets and module.split(".")[0] not in ("cli", "engine"):  # the package root: __version__
+            violations.append(f"{module} imports from the package root")
     assert not violations, "\n".join(violations)
 
 
-def test_modules_below_the_engine_never_import_engine_cli_or_integrations():
+def test_no_import_circles():
+    """No module reaches itself through its imports (a package's __init__ re-exporting its own submodules
+    counts only as the package importing them)."""
+    graph = module_graph()
+    for module in graph:  # a package is its __init__: it may import its children, they may not import it
+        graph[module] = {t for t in graph[module] if not (module and t.startswith(module + "."))}
+    circles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                circles.append(" -> ".join([*stack[stack.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "\n".join(circles)
+
+
+def test_no_module_imports_another_modules_private_name():
+    """``from x import _name`` and ``x._name`` across modules: a private name stays in its module (tests aside)."""
     modules = package_modules()
-    for module, path in modules.items():
-        if level(module) < LEVELS["engine"]:
-            bad = {t for t in imported(module, path) if t.split(".")[0] in ("engine", "cli", "integrations")}
-            assert not bad, f"{module} imports {bad}"
+    found = []
+    for module, path in sorted(modules.items()):
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fastunlearn")):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and alias.name != "_C":
+                        found.append(f"{module}: from {node.module} import {alias.name}")
+                    aliases.add(alias.asname or alias.name)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
+                found.append(f"{module}: {node.value.id}.{node.attr}")
+    assert not found, "\n".join(found)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -116,7 +166,11 @@ def test_import_fastunlearn_loads_no_optional_dependency():
 
 @pytest.mark.parametrize(
     "module, extra",
-    [("fastunlearn.metrics", "engine"), ("fastunlearn.fused_lm", "engine"), ("fastunlearn.integrations.hf", "hf")],
+    [
+        ("fastunlearn.evals.metrics", "engine"),
+        ("fastunlearn.fused_lm", "engine"),
+        ("fastunlearn.integrations.hf", "hf"),
+    ],
 )
 def test_a_missing_extra_is_named(module, extra):
     """Without transformers the core still works, and the modules that need it say which extra to install."""

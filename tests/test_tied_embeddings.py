@@ -20,12 +20,12 @@ from fastunlearn import (
     save_peft_adapter,
     shift_causal,
 )
-from fastunlearn.data import SequenceSet, UnlearningData
+from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, checkpoint, unlearn
 from fastunlearn.fused_lm import patch_fused_ihl
-from fastunlearn.ihl import ihl_loss
-from fastunlearn.lora import lora_layers
-from fastunlearn.targets import find_targets
+from fastunlearn.lora.layer import lora_layers
+from fastunlearn.lora.targets import find_targets
+from fastunlearn.ops.ihl import ihl_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

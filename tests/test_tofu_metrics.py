@@ -1,4 +1,4 @@
-"""TOFU metrics (fastunlearn.tofu): NLLs, truth ratio, probability, ROUGE-L, KS, harmonic mean, evaluate_tofu."""
+"""TOFU metrics (fastunlearn.evals.tofu): NLLs, truth ratio, probability, ROUGE-L, KS, harmonic mean, evaluate_tofu."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from fastunlearn.qa import QAPair, encode_qa
-from fastunlearn.tofu import (
+from fastunlearn.data.qa import QAPair, encode_qa
+from fastunlearn.evals.tofu import (
     answer_nll,
     candidates_nll,
     evaluate_tofu,
@@ -247,7 +247,7 @@ def test_a_missing_tofu_extra_is_named(module, call):
     code = (
         "import sys\n"
         f"sys.modules[{module!r}] = None\n"
-        "from fastunlearn.tofu import forget_quality, rouge_l_recall\n"
+        "from fastunlearn.evals.tofu import forget_quality, rouge_l_recall\n"
         "try:\n"
         f"    {call}\n"
         "except ImportError as exc:\n"

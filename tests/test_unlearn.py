@@ -13,12 +13,12 @@ from tiny_models import MemorizerConfig, memorize
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from fastunlearn.data import SequenceSet, UnlearningData, split_tasks
+from fastunlearn.data.text import SequenceSet, UnlearningData, split_tasks
 from fastunlearn.engine import UnlearnConfig, unlearn
-from fastunlearn.ihl import ihl_loss
-from fastunlearn.lora import lora_layers
-from fastunlearn.metrics import extraction_likelihood, memorization_accuracy
-from fastunlearn.objectives import shift_causal
+from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy
+from fastunlearn.lora.layer import lora_layers
+from fastunlearn.losses import shift_causal
+from fastunlearn.ops.ihl import ihl_loss
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 # a tiny model unlearns in a few updates at a larger learning rate than the paper's; EL_5 fits 16 tokens

@@ -13,10 +13,10 @@ from test_cli_unlearn import workspace  # noqa: F401 - the CLI's tiny saved mode
 from tiny_models import tiny_model
 
 from fastunlearn import cli
-from fastunlearn.data import SequenceSet, UnlearningData, load_unlearning_data
+from fastunlearn.data.text import SequenceSet, UnlearningData, load_unlearning_data
 from fastunlearn.engine import UnlearnConfig, evaluation, unlearn
 from fastunlearn.engine.inputs import data_fingerprint, fingerprint
-from fastunlearn.metrics import sequence_nll
+from fastunlearn.evals.metrics import sequence_nll
 
 SEQ_LEN = 12
 BASE = {"params": "lora", "rank": 2, "alpha": 4.0, "el_n": 5, "micro_batch_size": 2, "max_epochs": 2,

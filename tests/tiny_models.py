@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
 
-from fastunlearn.objectives import retain_loss, shift_causal
+from fastunlearn.losses import retain_loss, shift_causal
 
 VOCAB = 64
 KINDS = ("gpt_neo", "gpt2")

@@ -43,7 +43,7 @@ from table1_report import _mean, aggregate, caption_text, table_markdown, verdic
 # Cached builds: tokenizer, memorized model
 # ---------------------------------------------------------------------------------------------------------
 def _texts(path: Path) -> list[str]:
-    from fastunlearn.data import load_texts
+    from fastunlearn.data.text import load_texts
 
     return load_texts(path, role=path.stem)
 
@@ -70,7 +70,7 @@ def build_tokenizer(data_dir: Path, scale: Scale, cache: Path):
 
 
 def _save_atomically(obj, folder: Path) -> None:
-    from fastunlearn.export import atomic_directory
+    from fastunlearn.lora.export import atomic_directory
 
     with atomic_directory(folder, overwrite=True) as tmp:
         obj.save_pretrained(tmp)
@@ -94,7 +94,7 @@ def memorize(data: Data, scale: Scale, tokenizer, cache: Path):
     from tqdm.auto import tqdm
     from transformers import GPTNeoForCausalLM
 
-    from fastunlearn.objectives import retain_loss, shift_causal
+    from fastunlearn.losses import retain_loss, shift_causal
 
     folder = cache / "memorized"
     if folder.is_dir():
@@ -135,7 +135,7 @@ def memorize(data: Data, scale: Scale, tokenizer, cache: Path):
 def load_data(data_dir: Path, scale: Scale, tokenizer) -> Data:
     import torch
 
-    from fastunlearn.data import SequenceSet, tokenize_sequences
+    from fastunlearn.data.text import SequenceSet, tokenize_sequences
 
     def long_enough(texts: list[str]) -> list[str]:
         return [t for t in texts if len(tokenizer(t)["input_ids"]) >= scale.seq_len]
@@ -208,7 +208,7 @@ def lambada_scores(model, examples, batch_size: int = 32) -> dict:
 
 
 def utility(model, data: Data, scale: Scale) -> dict:
-    from fastunlearn.metrics import perplexity
+    from fastunlearn.evals.metrics import perplexity
 
     return {
         "heldout_ppl": perplexity(model, data.pile_heldout, context=scale.context, batch_size=16),
@@ -220,9 +220,9 @@ def run_once(memorized: Path, data: Data, scale: Scale, method: Method, forget_s
     """One unlearning run from the memorized model; its summary is cached in ``out/summary.json``."""
     from transformers import GPTNeoForCausalLM
 
-    from fastunlearn.data import UnlearningData
+    from fastunlearn.data.text import UnlearningData
     from fastunlearn.engine import UnlearnConfig, checkpoint, unlearn
-    from fastunlearn.report import write_json
+    from fastunlearn.engine.report import write_json
 
     summary_path = out / "summary.json"
     if summary_path.is_file():
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from fastunlearn.metrics import memorization_accuracy
+    from fastunlearn.evals.metrics import memorization_accuracy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)

@@ -58,7 +58,7 @@ GPU_SCALE = {"seq_len": 200, "forget_size": 32, "memorized_size": 32, "heldout_s
 
 
 def load(args, tokenizer) -> dict:
-    from fastunlearn.data import tokenize_sequences
+    from fastunlearn.data.text import tokenize_sequences
 
     def long_enough(texts):
         return [t for t in texts if len(tokenizer(t)["input_ids"]) >= args.seq_len]
@@ -90,8 +90,8 @@ def memorized(args, data: dict) -> Path:
     """The fine-tuned model's directory (made once, then read from the cache)."""
     import torch
 
-    from fastunlearn.demo import train_until_memorized
-    from fastunlearn.export import atomic_directory
+    from fastunlearn.demo.toy import train_until_memorized
+    from fastunlearn.lora.export import atomic_directory
     from fastunlearn.models import real_model
 
     sets = "" if args.forget_sets == ["lm_extraction_32_0", "lm_extraction_32_1"] else "-" + "-".join(args.forget_sets)
@@ -117,7 +117,7 @@ def utility(model, tokenizer, data: dict, forget_set: str) -> dict:
     """What unlearning costs: perplexity of each utility set, LAMBADA, one greedy continuation of the forget set."""
     import torch
 
-    from fastunlearn.metrics import perplexity
+    from fastunlearn.evals.metrics import perplexity
 
     model.eval()
     with torch.no_grad():
@@ -143,7 +143,7 @@ def run_once(folder: Path, data: dict, method: Method, cell: tuple[str, int], fa
     (a failed attempt below a later success is never reported)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastunlearn.data import UnlearningData
+    from fastunlearn.data.text import UnlearningData
     from fastunlearn.engine import UnlearnConfig, unlearn
 
     forget_set, seed = cell
@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fastunlearn.engine.report import atomic_write
     from fastunlearn.models import real_model
-    from fastunlearn.report import atomic_write
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)  # the memorization and the "before" numbers: every core

@@ -183,7 +183,7 @@ def write_plot(path: Path, rows: list[dict], picked: list[dict], before: dict) -
     dashed; the last panel: WikiText / Pile perplexity after / before per method (mean over finished cells)."""
     from matplotlib.figure import Figure
 
-    from fastunlearn.report import atomic_write
+    from fastunlearn.engine.report import atomic_write
 
     if not rows:
         return
@@ -225,7 +225,7 @@ def write_plot(path: Path, rows: list[dict], picked: list[dict], before: dict) -
 
 
 def write_outputs(args, rows: list[dict], before: dict, finished: bool, grid: dict, caption: str) -> list[dict]:
-    from fastunlearn.report import atomic_write
+    from fastunlearn.engine.report import atomic_write
 
     picked = chosen(rows, grid)
     atomic_write(Path(args.out) / "table1.md", table_markdown(picked, before, caption, finished, rows))

@@ -126,7 +126,7 @@ def caption_text(scale: Scale, scale_name: str, model_params: int, data: Data, b
 def write_plot(path: Path, results: dict[str, list[dict]], before_curves: dict) -> None:
     from matplotlib.figure import Figure
 
-    from fastunlearn.report import atomic_write
+    from fastunlearn.engine.report import atomic_write
 
     sets = list(before_curves)
     fig = Figure(figsize=(6 * len(sets), 8), layout="constrained")
@@ -153,7 +153,7 @@ def write_plot(path: Path, results: dict[str, list[dict]], before_curves: dict) 
 # Main
 # ---------------------------------------------------------------------------------------------------------
 def write_outputs(out, rows, results, before, caption, verdict, scale, data, wall_s) -> None:
-    from fastunlearn.report import atomic_write, write_json
+    from fastunlearn.engine.report import atomic_write, write_json
 
     curves = {
         r["forget_set"]: {"ma": r["baseline"]["forget"][0]["ma"], "retain_ppl": r["baseline"]["retain_ppl"],

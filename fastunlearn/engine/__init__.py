@@ -53,7 +53,7 @@ marker and the lock file stay).
 
 **Multi-process** (a ``torch.distributed`` process group is initialized, e.g. under ``torchrun``; every rank
 calls ``unlearn`` with the same arguments and its own copy of the model on its own device): FILA's Fisher
-and low-rank steps are shared out and reduced (``fastunlearn.distributed``); ``parallel="ddp"`` wraps the
+and low-rank steps are shared out and reduced (``fastunlearn.utils.distributed``); ``parallel="ddp"`` wraps the
 model in ``DistributedDataParallel``, ``"fsdp"`` shards it with FSDP2 ``fully_shard`` (per transformer
 block), after the setup (adapters, FILA) and before the first evaluation; a model given on the CPU is moved
 to the rank's GPU block by block as it is sharded. Each epoch's micro-batch pairs (the same list in every
@@ -65,7 +65,7 @@ micro-batch. Resume restores rank 0's random state on every rank: bit-equal resu
 process, or without dropout.
 """
 
-from .config import DEFAULT_LR, DTYPES, PARAMS, STOPS, UnlearnConfig, UnlearnResult
-from .recipe import UnlearnRecipe, unlearn
+from fastunlearn.engine.config import DEFAULT_LR, DTYPES, PARAMS, STOPS, UnlearnConfig, UnlearnResult
+from fastunlearn.engine.recipe import UnlearnRecipe, unlearn
 
 __all__ = ["DEFAULT_LR", "DTYPES", "PARAMS", "STOPS", "UnlearnConfig", "UnlearnRecipe", "UnlearnResult", "unlearn"]

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from .. import distributed as dist_utils
-from .._atomic import atomic_write
-from ..data import SequenceSet
-from ..models import cache_root
-from .config import UnlearnConfig
-from .inputs import fingerprint
+from fastunlearn import __version__
+from fastunlearn.data.text import SequenceSet
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.engine.inputs import fingerprint
+from fastunlearn.models import cache_root
+from fastunlearn.utils import distributed as dist_utils
+from fastunlearn.utils.atomic import atomic_write
 
 logger = logging.getLogger("fastunlearn.engine")
 

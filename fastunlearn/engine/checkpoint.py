@@ -29,12 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import _parallel
-from .. import distributed as dist_utils
-from .._atomic import PRIVATE, atomic_directory, atomic_write, write_file
-from ..lora import lora_layers
-from . import outdir
-from .inputs import model_fingerprint
+from fastunlearn.engine import outdir, parallel
+from fastunlearn.engine.inputs import model_fingerprint
+from fastunlearn.lora.layer import lora_layers
+from fastunlearn.utils import distributed as dist_utils
+from fastunlearn.utils.atomic import PRIVATE, atomic_directory, atomic_write, write_file
 
 POINTER = "checkpoint.json"
 MANIFEST = "manifest.json"
@@ -82,14 +81,14 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, generator: torch.Gen
                     fingerprint: str | None, extra: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """Rank 0 writes the next version of the full state (every rank must call: under FSDP it is gathered).
     ``extra``: more named tensors to keep (NPO's reference log-likelihoods, ``engine.reference``)."""
-    tensors = {f"param.{n}": t.contiguous() for n, t in _parallel.trainable_state(model).items()}
+    tensors = {f"param.{n}": t.contiguous() for n, t in parallel.trainable_state(model).items()}
     tensors.update(extra or {})
     for name, layer in lora_layers(model).items():
         if layer.lora_a0 is not None:
             tensors[f"buffer.{name}.lora_a0"] = layer.lora_a0.contiguous()
             tensors[f"buffer.{name}.lora_b0"] = layer.lora_b0.contiguous()
     if optimizer is not None:
-        for index, state in _parallel.optimizer_state(model, optimizer).items():
+        for index, state in parallel.optimizer_state(model, optimizer).items():
             tensors.update({f"optim.{index}.{key}": value for key, value in state.items()})
     if not dist_utils.current().is_main:
         return
@@ -265,4 +264,4 @@ def load_optimizer(model: nn.Module, optimizer, saved: dict) -> None:
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    _parallel.load_optimizer_state(model, optimizer, state)
+    parallel.load_optimizer_state(model, optimizer, state)

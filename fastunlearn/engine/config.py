@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import _parallel
-from .._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
-from ..fila import FilaConfig
-from ..objectives import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, check_forget_loss, check_fused
+from fastunlearn.engine import parallel
+from fastunlearn.lora.fila import FilaConfig
+from fastunlearn.losses import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, check_forget_loss, check_fused
+from fastunlearn.utils.validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 
 PARAMS = ("full", "lora", "fila")
 STOPS = ("heldout", "threshold", "epochs")
@@ -70,7 +70,7 @@ class UnlearnConfig:
         self.betas = tuple(self.betas)
         check_forget_loss(self.forget_loss)
         for name, choices in (("params", PARAMS), ("stop", STOPS), ("dtype", tuple(DTYPES)),
-                              ("parallel", tuple(_parallel.PARALLEL))):  # fmt: skip
+                              ("parallel", tuple(parallel.PARALLEL))):  # fmt: skip
             check_choice(name, getattr(self, name), choices)
         for name in ("rank", "max_epochs", "min_epochs", "micro_batch_size", "el_n", "eval_batch_size"):
             check_int(name, getattr(self, name), 1)
@@ -114,7 +114,7 @@ class UnlearnConfig:
         return DEFAULT_LR[self.params] if self.lr is None else self.lr
 
     def objective_options(self) -> dict:
-        """``beta`` / ``gamma`` of :func:`fastunlearn.objectives.forget_term` for this run's forget loss."""
+        """``beta`` / ``gamma`` of :func:`fastunlearn.losses.forget_term` for this run's forget loss."""
         if self.forget_loss == "npo":
             return {"beta": self.npo_beta}
         if self.forget_loss == "simnpo":

@@ -11,14 +11,14 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .. import _parallel
-from .. import distributed as dist_utils
-from ..data import SequenceSet, iterate_batches
-from ..objectives import REFERENCE_KEY, ForgetTerm
-from ..objectives import forget_units as count_forget_units
-from .config import UnlearnConfig
-from .evaluation import finite
-from .inputs import n_targets
+from fastunlearn.data.text import SequenceSet, iterate_batches
+from fastunlearn.engine import parallel
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.engine.evaluation import finite
+from fastunlearn.engine.inputs import n_targets
+from fastunlearn.losses import REFERENCE_KEY, ForgetTerm
+from fastunlearn.losses import forget_units as count_forget_units
+from fastunlearn.utils import distributed as dist_utils
 
 
 def forget_batches(forget: SequenceSet, reference, cfg: UnlearnConfig, generator) -> list[dict]:
@@ -87,7 +87,7 @@ def train_epoch(
     progress = tqdm(mine, desc="micro-batches", leave=False, disable=None if process.is_main else True)
     for i, (f, r) in enumerate(progress):
         n = forget_units(f, cfg)  # counted on the CPU copy: no sync
-        with _parallel.gradient_sync(train_model, enabled=i == len(mine) - 1):
+        with parallel.gradient_sync(train_model, enabled=i == len(mine) - 1):
             f = {k: v.to(device) for k, v in f.items()}
             f_sum = forget_term(train_model, f)  # summed over the micro-batch's next-token targets
             loss = f_sum / n_forget  # this micro-batch's share of the mean over the epoch's forget units
@@ -100,7 +100,7 @@ def train_epoch(
         f_sums.append(f_sum.detach())
         if n:
             f_means.append(f_sum.detach() / n)
-    grad_norm = _parallel.total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = parallel.total_norm([p.grad for p in params if p.grad is not None])
     means = torch.stack(f_means)
     retain_sum = torch.stack(r_sums).sum() if r_sums else torch.zeros((), device=device)
     sums, extremes = reduce_summary(

@@ -11,15 +11,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import _parallel
-from .. import distributed as dist_utils
-from ..data import SequenceSet
-from ..metrics import extraction_likelihood, memorization_accuracy, sequence_nll
-from ..objectives import answer_start
-from .cache import HeldoutCache
-from .config import UnlearnConfig
-from .inputs import set_name
-from .progress import Progress, info
+from fastunlearn.data.labels import answer_start
+from fastunlearn.data.text import SequenceSet
+from fastunlearn.engine import parallel
+from fastunlearn.engine.cache import HeldoutCache
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.engine.inputs import set_name
+from fastunlearn.engine.progress import Progress, info
+from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy, sequence_nll
+from fastunlearn.utils import distributed as dist_utils
 
 
 def seeded_sample(seqs: SequenceSet, limit: int | None, seed: int) -> SequenceSet:
@@ -51,13 +51,13 @@ def per_sequence(fn: Callable[[SequenceSet], torch.Tensor], seqs: SequenceSet, m
                  phase: str) -> torch.Tensor:  # fmt: skip
     """``fn`` (N, ...) float64 per sequence, ``cfg.eval_batch_size`` sequences per call (progress lines of
     ``phase``). Multi-process: each rank computes its share of the sequences (under FSDP in lockstep, see
-    ``_parallel.lockstep``) and every rank gets all rows."""
+    ``parallel.lockstep``) and every rank gets all rows."""
     size = cfg.eval_batch_size
     process = dist_utils.current()
     if not process.distributed:
         return in_batches(fn, seqs, size, phase)
     index = torch.tensor(dist_utils.owned(len(seqs), process), dtype=torch.int64)
-    with _parallel.lockstep(model):
+    with parallel.lockstep(model):
         local = in_batches(fn, seqs[index], size, phase) if len(index) else torch.zeros(0, dtype=torch.float64)
     return dist_utils.gather_rows(local, index, len(seqs))
 
@@ -68,7 +68,7 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
     it; EL costs most), or ``limit`` is given and MA is above it (then None). ``phase`` names the set in progress
     lines ("baseline: held-out set" -> "... MA 3/8 batches"). A set with ``labels`` (question/answer pairs) is
     measured on its answers: MA over the labelled positions, EL_n over the prefixes prompt + answer[:k]
-    (``fastunlearn.metrics``)."""
+    (``fastunlearn.evals.metrics``)."""
     batch = cfg.eval_batch_size
     ma = per_sequence(
         lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, labels=s.labels, batch_size=batch),

@@ -35,18 +35,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import distributed as dist_utils
-from .._atomic import atomic_directory
-from .._validate import check_bool, check_choice, check_int, check_number
-from ..data import SequenceSet, iterate_batches
-from ..export import save_merged_model
-from ..objectives import count_targets, retain_term
-from ..report import write_json
-from . import checkpoint, outdir, progress
-from .config import DTYPES
-from .evaluation import finite
-from .inputs import fingerprint
-from .params import enable_checkpointing
+from fastunlearn.data.labels import count_targets
+from fastunlearn.data.text import SequenceSet, iterate_batches
+from fastunlearn.engine import checkpoint, outdir, progress
+from fastunlearn.engine.config import DTYPES
+from fastunlearn.engine.evaluation import finite
+from fastunlearn.engine.inputs import fingerprint
+from fastunlearn.engine.params import enable_checkpointing
+from fastunlearn.engine.report import write_json
+from fastunlearn.lora.export import save_merged_model
+from fastunlearn.losses import retain_term
+from fastunlearn.utils import distributed as dist_utils
+from fastunlearn.utils.atomic import atomic_directory
+from fastunlearn.utils.validate import check_bool, check_choice, check_int, check_number
 
 SCHEDULES = ("linear", "constant")
 MODEL_DIR = "model"

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..data import SequenceSet, UnlearningData
-from ..fila import check_token_ids
-from ..objectives import count_targets
-from .config import UnlearnConfig
+from fastunlearn.data.labels import count_targets
+from fastunlearn.data.text import SequenceSet, UnlearningData
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.lora.fila import check_token_ids
 
 
 def set_name(task: int, n_tasks: int) -> str:
@@ -41,7 +41,7 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
     sets += [("retain set", retain, False), ("held-out set", heldout, True)]
     for name, seqs, scored in sets:  # scored: MA and EL are measured on it
         if seqs is not None:
-            _check_set(name, seqs, cfg.el_n if scored and cfg.stop != "epochs" else None)  # "epochs": no EL
+            check_set(name, seqs, cfg.el_n if scored and cfg.stop != "epochs" else None)  # "epochs": no EL
     if retain is None:
         for needs, why in (
             (cfg.retain_weight > 0, f"retain_weight={cfg.retain_weight} (set retain_weight=0 for no retain loss)"),
@@ -57,7 +57,7 @@ def check_data(data, cfg: UnlearnConfig) -> tuple[list[SequenceSet], SequenceSet
     return tasks, retain, heldout
 
 
-def _check_set(name: str, seqs, el_n: int | None) -> None:
+def check_set(name: str, seqs, el_n: int | None) -> None:
     """TypeError / ValueError naming the set: not a SequenceSet, no next-token target, or (``el_n`` given) a
     sequence too short for EL_n."""
     if not isinstance(seqs, SequenceSet):
@@ -77,7 +77,7 @@ def utility_sets(data) -> dict[str, SequenceSet]:
     for name, seqs in utility.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"utility set names must be non-empty strings, got {name!r}")
-        _check_set(f"utility set {name}", seqs, None)
+        check_set(f"utility set {name}", seqs, None)
     return dict(utility)
 
 

@@ -4,7 +4,7 @@
 - ``run.json``: the marker that makes OUT a run directory (written when a run claims a missing or empty OUT);
 - ``lock``: locked (``fcntl.flock``, exclusive) by the run using OUT for as long as it runs; holds its pid;
 - ``checkpoint.json`` and ``checkpoint-NNNNNN/``: the checkpoint (``engine.checkpoint``);
-- ``tmp/``: the temporaries of every atomic write in OUT (``fastunlearn._atomic``), cleared when a run starts.
+- ``tmp/``: the temporaries of every atomic write in OUT (``fastunlearn.utils.atomic``), cleared when a run starts.
 
 A finished run removes PRIVATE (the checkpoint first, the lock file last, still locked: a run that locked
 the removed file meanwhile finds the outputs and refuses OUT). A run deletes only inside PRIVATE. It refuses,
@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .._atomic import PRIVATE, SCRATCH, atomic_write
+from fastunlearn.utils.atomic import PRIVATE, SCRATCH, atomic_write
 
 try:
     import fcntl

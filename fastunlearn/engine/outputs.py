@@ -6,12 +6,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import _parallel
-from .. import distributed as dist_utils
-from .._atomic import atomic_directory
-from ..export import save_merged_model, save_peft_adapter
-from ..report import write_json, write_plot, write_report
-from .config import UnlearnConfig
+from fastunlearn.engine import parallel
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.engine.report import write_json, write_plot, write_report
+from fastunlearn.lora.export import save_merged_model, save_peft_adapter
+from fastunlearn.utils import distributed as dist_utils
+from fastunlearn.utils.atomic import atomic_directory
 
 OUTPUTS = {"merged": "merged", "report": "report.md", "plot": "metrics.png"}
 
@@ -19,8 +19,8 @@ OUTPUTS = {"merged": "merged", "report": "report.md", "plot": "metrics.png"}
 def export_models(model: nn.Module, cfg: UnlearnConfig, out: Path, tokenizer) -> dict[str, str]:
     """adapter/ (PEFT, for the unmodified base model) and merged/ (a plain transformers model + tokenizer),
     written by rank 0 (from a CPU copy of the full weights under FSDP; every rank must call)."""
-    if _parallel.is_sharded(model):
-        model = _parallel.cpu_replica(model)
+    if parallel.is_sharded(model):
+        model = parallel.cpu_replica(model)
     outputs = dict(OUTPUTS)
     if cfg.params != "full":
         outputs["adapter"] = "adapter"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data import SequenceSet
-from ..fila import fila_init
-from ..lora import inject_lora
-from .config import UnlearnConfig
-from .evaluation import seeded_sample
-from .inputs import batch
+from fastunlearn.data.text import SequenceSet
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.engine.evaluation import seeded_sample
+from fastunlearn.engine.inputs import batch
+from fastunlearn.lora.fila import fila_init
+from fastunlearn.lora.layer import inject_lora
 
 
 def setup_params(model: nn.Module, cfg: UnlearnConfig, forget: SequenceSet, retain, saved: dict | None) -> None:

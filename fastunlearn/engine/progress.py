@@ -11,7 +11,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from .. import distributed as dist_utils
+from fastunlearn.utils import distributed as dist_utils
 
 logger = logging.getLogger("fastunlearn.engine")
 

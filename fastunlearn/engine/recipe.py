@@ -16,21 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import _parallel
-from .. import distributed as dist_utils
-from ..data import SequenceSet, UnlearningData
-from ..fused_lm import patch_fused_ihl, unpatch_fused_ihl
-from ..lora import trainable_parameters
-from ..objectives import forget_term, retain_term
-from ..report import check_plotting, outcome, write_json
-from . import checkpoint, evaluation, outdir, progress
-from . import reference as npo_reference
-from .cache import HeldoutCache
-from .config import DTYPES, UnlearnConfig, UnlearnResult
-from .epoch import train_epoch
-from .inputs import check_data, check_model, data_fingerprint, set_name, utility_sets
-from .outputs import export_models, write_documents
-from .params import enable_checkpointing, fisher_sample, setup_params
+from fastunlearn.data.text import SequenceSet, UnlearningData
+from fastunlearn.engine import checkpoint, evaluation, outdir, parallel, progress
+from fastunlearn.engine import reference as npo_reference
+from fastunlearn.engine.cache import HeldoutCache
+from fastunlearn.engine.config import DTYPES, UnlearnConfig, UnlearnResult
+from fastunlearn.engine.epoch import train_epoch
+from fastunlearn.engine.inputs import check_data, check_model, data_fingerprint, set_name, utility_sets
+from fastunlearn.engine.outputs import export_models, write_documents
+from fastunlearn.engine.params import enable_checkpointing, fisher_sample, setup_params
+from fastunlearn.engine.report import check_plotting, outcome, write_json
+from fastunlearn.fused_lm import patch_fused_ihl, unpatch_fused_ihl
+from fastunlearn.lora.layer import trainable_parameters
+from fastunlearn.losses import forget_term, retain_term
+from fastunlearn.utils import distributed as dist_utils
 
 logger = logging.getLogger("fastunlearn.engine")
 
@@ -162,7 +161,7 @@ class UnlearnRecipe:
             patch_fused_ihl(model)  # before wrapping: DDP / FSDP call the patched forward
         self.forget_term = forget_term(cfg.forget_loss, fused=cfg.fused_ihl, **cfg.objective_options())
         self.retain_term = retain_term(fused=cfg.fused_ihl)
-        self.train_model = _parallel.wrap(model, cfg.parallel, next(model.parameters()).device)
+        self.train_model = parallel.wrap(model, cfg.parallel, next(model.parameters()).device)
         self.device = next(model.parameters()).device  # FSDP moves a CPU model to this rank's GPU as it shards
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in shards
         if self.saved is None:

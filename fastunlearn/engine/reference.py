@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..data import SequenceSet, iterate_batches
-from ..fused_lm import fused_causal_lm_logprob
-from ..lora import adapters_disabled
-from ..objectives import token_logprobs
-from .config import UnlearnConfig
+from fastunlearn.data.text import SequenceSet, iterate_batches
+from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.fused_lm import fused_causal_lm_logprob
+from fastunlearn.lora.layer import adapters_disabled
+from fastunlearn.losses import token_logprobs
 
 PREFIX = "reference."  # checkpoint tensor names: reference.<task index>
 

@@ -1,6 +1,6 @@
 """``patch_fused_ihl`` for your own training loop; the implementation lives in :mod:`fastunlearn.fused_lm`."""
 
-from ..fused_lm import (
+from fastunlearn.fused_lm import (
     LOGIT_SCALES,
     LOGIT_SOFTCAPS,
     check_fused_ihl_support,

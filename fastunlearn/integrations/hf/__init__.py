@@ -42,9 +42,9 @@ optimizer, scheduler, DeepSpeed / FSDP setup and loggers stay as they are; only 
 Not handled: tensor, context or sequence parallelism (they split a batch's tokens across ranks).
 """
 
-from . import _requires  # noqa: F401  (first: names the missing extra)
-from .callback import UnlearningCallback
-from .data import (
+from fastunlearn.integrations.hf import requires  # noqa: F401  (first: names the missing extra)
+from fastunlearn.integrations.hf.callback import UnlearningCallback
+from fastunlearn.integrations.hf.data import (
     BATCH_KEYS,
     FORGET_KEYS,
     REFERENCE_KEY,
@@ -54,8 +54,8 @@ from .data import (
     count_targets,
     reference_logprobs,
 )
-from .loss import unlearning_compute_loss
-from .trainer import UnlearningTrainer
+from fastunlearn.integrations.hf.loss import unlearning_compute_loss
+from fastunlearn.integrations.hf.trainer import UnlearningTrainer
 
 __all__ = [
     "BATCH_KEYS",

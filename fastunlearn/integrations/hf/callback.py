@@ -8,13 +8,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ... import distributed as dist_utils
-from ..._optional import missing
-from ..._validate import check_int, is_number
-from ...data import SequenceSet
-from ...engine.evaluation import epoch_check
-from ...metrics import extraction_likelihood, memorization_accuracy
-from .data import _check_set
+from fastunlearn.data.text import SequenceSet
+from fastunlearn.engine.evaluation import epoch_check
+from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy
+from fastunlearn.integrations.hf.data import check_set
+from fastunlearn.utils import distributed as dist_utils
+from fastunlearn.utils.optional import missing
+from fastunlearn.utils.validate import check_int, is_number
 
 try:
     from transformers import TrainerCallback
@@ -40,7 +40,7 @@ def _rank0_value(value: float, device: torch.device) -> float:
 
 def _check_scored(name: str, seqs: object, el_n: int) -> None:
     """A set whose MA and EL_n are measured: every sequence has more than el_n real tokens."""
-    _check_set(name, seqs)
+    check_set(name, seqs)
     seqs.check_el_length(name, el_n)
 
 

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ...data import SequenceSet
-from ...engine.reference import sequence_logprobs as reference_logprobs  # noqa: F401  (NPO: once, before training)
-from ...objectives import count_sequences
-from ...objectives import count_targets as count_next_token_targets
+from fastunlearn.data.labels import count_targets as count_next_token_targets
+from fastunlearn.data.text import SequenceSet
+from fastunlearn.engine.reference import sequence_logprobs as reference_logprobs  # noqa: F401  (NPO: once, before training)
+from fastunlearn.losses import count_sequences
 
 FORGET_KEYS = ("forget_input_ids", "forget_attention_mask")
 RETAIN_KEYS = ("retain_input_ids", "retain_attention_mask")
@@ -19,7 +19,7 @@ BATCH_KEYS = FORGET_KEYS + RETAIN_KEYS
 REFERENCE_KEY = "forget_reference"  # NPO: the reference model's sequence log-likelihood of the forget row
 
 
-def _check_set(name: str, seqs: object) -> None:
+def check_set(name: str, seqs: object) -> None:
     if not isinstance(seqs, SequenceSet):
         raise TypeError(f"{name} must be a fastunlearn.data.SequenceSet, got {type(seqs).__name__}")
     if len(seqs) == 0:
@@ -35,9 +35,9 @@ class ForgetRetainDataset(Dataset):
     on the model to unlearn); item i then also holds ``forget_reference`` (a 0-dim float32 tensor)."""
 
     def __init__(self, forget: SequenceSet, retain: SequenceSet | None = None, reference: Tensor | None = None) -> None:
-        _check_set("forget", forget)
+        check_set("forget", forget)
         if retain is not None:
-            _check_set("retain", retain)
+            check_set("retain", retain)
         if reference is not None:
             if not isinstance(reference, Tensor) or not reference.dtype.is_floating_point:
                 what = str(reference.dtype) if isinstance(reference, Tensor) else type(reference).__name__
@@ -79,7 +79,7 @@ def collate_forget_retain(features: Sequence[Mapping[str, Tensor]]) -> dict[str,
     return {key: torch.stack([feature[key] for feature in features]) for key in keys}
 
 
-def _require(inputs: Mapping[str, Tensor], keys: tuple[str, ...], why: str) -> tuple[Tensor, Tensor]:
+def require_keys(inputs: Mapping[str, Tensor], keys: tuple[str, ...], why: str) -> tuple[Tensor, Tensor]:
     for key in keys:
         if key not in inputs:
             raise ValueError(f"the batch has no {key!r} ({why}); it has {sorted(inputs)}")
@@ -96,10 +96,12 @@ def count_targets(batches: Sequence[Mapping[str, Tensor]], *, sequences: bool = 
     counts = []
     for batch in batches:
         retain_mask = batch.get(RETAIN_KEYS[1])
-        forget = count_forget(*_require(batch, FORGET_KEYS, "every batch needs its forget sequences"))
+        forget = count_forget(*require_keys(batch, FORGET_KEYS, "every batch needs its forget sequences"))
         if retain_mask is None:
             retain = forget.new_zeros(())
         else:
-            retain = count_next_token_targets(*_require(batch, RETAIN_KEYS, "its retain mask needs retain sequences"))
+            retain = count_next_token_targets(
+                *require_keys(batch, RETAIN_KEYS, "its retain mask needs retain sequences")
+            )
         counts.append(torch.stack([forget, retain]))
     return torch.stack(counts).sum(0)  # (batches, 2) -> (2,)

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ... import objectives
-from ...fused_lm import is_fused_ihl_patched
-from ...ihl import ihl_loss
-from ...objectives import (
+from fastunlearn import losses as objectives
+from fastunlearn.fused_lm import is_fused_ihl_patched
+from fastunlearn.integrations.hf.data import FORGET_KEYS, REFERENCE_KEY, RETAIN_KEYS, count_targets, require_keys
+from fastunlearn.losses import (
     SEQUENCE_LOSSES,
     UnlearningLossOutput,
     check_fused,
@@ -21,7 +21,7 @@ from ...objectives import (
     retain_loss,
     shift_causal,
 )
-from .data import FORGET_KEYS, REFERENCE_KEY, RETAIN_KEYS, _require, count_targets
+from fastunlearn.ops.ihl import ihl_loss
 
 
 def _token_sum(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_fn, **options) -> Tensor:
@@ -44,7 +44,7 @@ def _fused_ihl_sum(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 def _sequence_sum(model: nn.Module, inputs: Mapping[str, Tensor], forget_loss: str, fused: bool, beta, gamma) -> Tensor:
     """The NPO / SimNPO sum over the forget sequences (``objectives.forget_term``); NPO reads ``forget_reference``."""
-    forget_ids, forget_mask = _require(inputs, FORGET_KEYS, "the forget term needs the forget sequences")
+    forget_ids, forget_mask = require_keys(inputs, FORGET_KEYS, "the forget term needs the forget sequences")
     batch = {"input_ids": forget_ids, "attention_mask": forget_mask}
     if forget_loss == "npo":
         if REFERENCE_KEY not in inputs:
@@ -99,11 +99,11 @@ def unlearning_compute_loss(
     """
     check_objective(forget_loss, retain_weight, margin, beta, gamma)
     check_fused(forget_loss, fused_ihl)
-    forget_ids, forget_mask = _require(inputs, FORGET_KEYS, "the forget term needs the forget sequences")
+    forget_ids, forget_mask = require_keys(inputs, FORGET_KEYS, "the forget term needs the forget sequences")
     use_retain = retain_weight > 0
     if use_retain:
         why = f"retain_weight={retain_weight} needs the retain sequences; set retain_weight=0 for none"
-        retain_ids, retain_mask = _require(inputs, RETAIN_KEYS, why)
+        retain_ids, retain_mask = require_keys(inputs, RETAIN_KEYS, why)
     if forget_loss in SEQUENCE_LOSSES:
         forget_sum = _sequence_sum(model, inputs, forget_loss, fused_ihl, beta, gamma)
     elif fused_ihl and forget_loss == "ihl":

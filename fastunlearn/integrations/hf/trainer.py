@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._optional import missing
-from ...fused_lm import patch_fused_ihl
-from ...objectives import SEQUENCE_LOSSES, UnlearningLossOutput, check_fused, check_objective
-from .data import BATCH_KEYS, REFERENCE_KEY, collate_forget_retain, count_targets
-from .loss import unlearning_compute_loss
+from fastunlearn.fused_lm import patch_fused_ihl
+from fastunlearn.integrations.hf.data import BATCH_KEYS, REFERENCE_KEY, collate_forget_retain, count_targets
+from fastunlearn.integrations.hf.loss import unlearning_compute_loss
+from fastunlearn.losses import SEQUENCE_LOSSES, UnlearningLossOutput, check_fused, check_objective
+from fastunlearn.utils.optional import missing
 
 try:
     from transformers import Trainer

@@ -1,0 +1,103 @@
+"""Sliding-window next-token NLL and perplexity (see ``fastunlearn.evals.metrics``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastunlearn.data.labels import next_token_targets
+from fastunlearn.evals.metrics.common import check_token_ids, inference, progress
+from fastunlearn.utils.validate import check_int
+
+
+def _as_sequences(model: nn.Module, sequences) -> list[Tensor]:
+    if isinstance(sequences, Tensor):
+        ids = check_token_ids("sequences", sequences, model)
+        if ids.dim() != 2:
+            raise ValueError(f"sequences must have shape (N, L) or be a list of 1-D sequences, got {tuple(ids.shape)}")
+        seqs = list(ids)
+    elif isinstance(sequences, Sequence) and not isinstance(sequences, str):
+        if len(sequences) == 0:
+            raise ValueError("sequences is empty")
+        seqs = [check_token_ids(f"sequences[{i}]", torch.as_tensor(s), model) for i, s in enumerate(sequences)]
+    else:
+        raise TypeError(f"sequences must be a (N, L) tensor or a list of 1-D sequences, got {type(sequences).__name__}")
+    for i, s in enumerate(seqs):
+        if s.dim() != 1 or len(s) < 2:
+            raise ValueError(f"sequences[{i}] must be 1-D with at least 2 tokens, got shape {tuple(s.shape)}")
+    return seqs
+
+
+def sequence_nll(
+    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8,
+    labels=None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(summed next-token NLL (N,) float64, number of scored tokens (N,) int64) of each sequence.
+
+    ``sequences``: a (N, L) tensor or a list of 1-D sequences of any lengths. Windows of at most ``context``
+    tokens (default: the model's ``max_position_embeddings``) start every ``stride`` tokens (default context // 2)
+    and score the tokens after the previous window's end; ``batch_size`` windows per forward, right-padded
+    (causal attention: padding after a token never changes its logits). ``labels``: None, or the same shapes
+    as ``sequences`` (Hugging Face style, aligned with them): only tokens with a label other than -100 are
+    scored, against that label (the answers of a question/answer set).
+    """
+    seqs = _as_sequences(model, sequences)
+    given = None
+    if labels is not None:
+        given = [torch.as_tensor(t).long().cpu() for t in labels]
+        if len(given) != len(seqs) or any(g.shape != s.shape for g, s in zip(given, seqs)):
+            raise ValueError("labels must have the shapes of sequences (one label per token)")
+    context = context if context is not None else getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        raise ValueError("context is None and the model's config has no max_position_embeddings: pass context")
+    check_int("context", context, 1)
+    if context < 2:
+        raise ValueError(f"context must be >= 2 (a window predicts its tokens after the first), got {context}")
+    stride = context // 2 if stride is None else stride
+    check_int("stride", stride, 1)
+    if stride > context:
+        raise ValueError(f"stride must be <= context ({context}), got {stride}")
+    check_int("batch_size", batch_size, 1)
+    windows = []  # (sequence, begin, end, first scored position)
+    for i, s in enumerate(seqs):
+        prev_end = 0
+        for begin in range(0, len(s), stride):
+            end = min(begin + context, len(s))
+            windows.append((i, begin, end, max(prev_end, begin + 1)))
+            prev_end = end
+            if end == len(s):
+                break
+    nll = torch.zeros(len(seqs), dtype=torch.float64)
+    count = torch.zeros(len(seqs), dtype=torch.int64)
+    with inference(model) as device:
+        for lo in progress(range(0, len(windows), batch_size), "perplexity"):
+            batch = windows[lo : lo + batch_size]
+            ids = torch.zeros(len(batch), max(end - begin for _, begin, end, _ in batch), dtype=torch.long)
+            mask = torch.zeros_like(ids)  # 1 on the window's tokens, 0 on the right padding
+            labels = ids.clone()  # -100 on tokens an earlier window scored
+            for j, (i, begin, end, first) in enumerate(batch):
+                ids[j, : end - begin] = labels[j, : end - begin] = seqs[i][begin:end]
+                if given is not None:
+                    labels[j, : end - begin] = given[i][begin:end]
+                mask[j, : end - begin] = 1
+                labels[j, : first - begin] = -100
+            targets = next_token_targets(ids, mask, labels)  # (W, width - 1)
+            logits = model(input_ids=ids.to(device)).logits[:, :-1].float()  # (W, width - 1, V)
+            token_nll = F.cross_entropy(logits.transpose(1, 2), targets.to(device), reduction="none").cpu()  # 0 at -100
+            owner = torch.tensor([w[0] for w in batch])
+            nll.index_add_(0, owner, token_nll.double().sum(1))
+            count.index_add_(0, owner, (targets != -100).sum(1))
+    return nll, count
+
+
+def perplexity(
+    model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8,
+    labels=None,
+) -> float:  # fmt: skip
+    """exp(total NLL / total scored tokens) over ``sequences`` (token-weighted; see ``sequence_nll``)."""
+    nll, count = sequence_nll(model, sequences, context=context, stride=stride, batch_size=batch_size, labels=labels)
+    return math.exp(nll.sum().item() / count.sum().item())
