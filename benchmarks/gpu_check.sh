@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR          # GPU_CHECK_BUDGET_S=480 by default
 #
-# Writes into OUT_DIR (8 files at most come back from the lent machine; tee the console into the eighth):
+# Writes 7 files into OUT_DIR (tee the console into an eighth):
 # build.log, tests_cuda.log, bench.json (every pytest-benchmark run merged), targets.json (the target
 # summaries), bench.log, real_shape.json, profile.log.
 #
@@ -15,7 +15,7 @@
 #   cuda-tests: tests/test_cuda.py + the CUDA tests of test_logprob / test_validation                ~1 min
 #   bench-ihl: fastunlearn + eager at the three shapes, test_targets_cuda (copy timed in the same run) ~40 s
 #   bench-fisher: Triton / torch / loop / vmap, peak extra CUDA memory, targets     ~30 s
-#   real-shape: benchmarks/gpu_real_shape.py (SmolLM2-135M shape, RANDOM weights)   ~1 min
+#   real-shape: benchmarks/ops/gpu_real_shape.py (SmolLM2-135M shape, RANDOM weights)   ~1 min
 #   bench-lowrank: gpt-neo-125m set + llama-7b (4 providers, full SVD extrapolated from one layer per shape) ~1.5 min
 #   bench-lora, profile (back-to-back IHL kernel timings)                           ~30 s
 # Left out, to fit ~8 min: the full CPU test suite (CI runs it on every change; the CUDA-touching tests
@@ -64,12 +64,12 @@ if [ "$gpus" -ge 2 ]; then  # DDP / FSDP2 / Fisher / FILA over NCCL, two process
 else
   echo "=== two-gpus: NOT RUN - this machine has $gpus GPU(s); the two-process run needs 2"
 fi
-step bench-ihl 90 bench ihl benchmarks/bench_ihl.py -k "not compiled"
-step bench-fisher 60 bench fisher benchmarks/bench_fisher.py
-step real-shape 120 $PY benchmarks/gpu_real_shape.py --out "$OUT/real_shape.json"
-step bench-lowrank 150 bench lowrank benchmarks/bench_lowrank.py
-step bench-lora 45 bench lora benchmarks/bench_lora.py
-step profile 40 bash -c "$PY benchmarks/profile_ihl.py 2>&1 | tee '$OUT/profile.log' | tail -20; exit \${PIPESTATUS[0]}"
+step bench-ihl 90 bench ihl benchmarks/ops/bench_ihl.py -k "not compiled"
+step bench-fisher 60 bench fisher benchmarks/ops/bench_fisher.py
+step real-shape 120 $PY benchmarks/ops/gpu_real_shape.py --out "$OUT/real_shape.json"
+step bench-lowrank 150 bench lowrank benchmarks/ops/bench_lowrank.py
+step bench-lora 45 bench lora benchmarks/ops/bench_lora.py
+step profile 40 bash -c "$PY benchmarks/ops/profile_ihl.py 2>&1 | tee '$OUT/profile.log' | tail -20; exit \${PIPESTATUS[0]}"
 $PY - "$SCRATCH" "$OUT/bench.json" <<'PYEOF'
 import json, pathlib, sys
 runs = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}

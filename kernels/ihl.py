@@ -26,7 +26,7 @@ import triton.language as tl
 from .launch import interpreting
 
 # Launch configuration. The backward is a plain streaming pass: 4096-element blocks and 16 warps measured
-# best on an H200 (93% of the device-copy bandwidth at (8192, 128256) bf16, benchmarks/sweep_ihl_blocks.py).
+# best on an H200 (93% of the device-copy bandwidth at (8192, 128256) bf16, benchmarks/ops/sweep_ihl_blocks.py).
 # The forward carries per-lane state, so its best block depends on V and dtype: on CUDA it is autotuned
 # over the configs below (it writes only its outputs, so trial runs are harmless). The interpreter pays
 # per loop iteration, so it takes the whole row (up to 2^17) at once with one config.

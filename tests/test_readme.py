@@ -1,8 +1,10 @@
-"""Every ```python block of README.md runs as written, on a tiny model, in a temporary working directory.
+"""Every ```python block of README.md and docs/*.md runs as written, on a tiny model, in a temporary working
+directory; every relative link of those files resolves, and docs/cli.md names every option of every subcommand.
 
 Each block gets a fresh namespace holding only the user's own objects that the README assumes (``model``,
 ``tokenizer``, ``forget_ids``, ``data``, ``path``, ...); every library name must be imported by the block
-itself. ``forget.csv``, ``heldout.csv`` and ``wikitext.txt`` are written to the working directory. Only what
+itself. ``forget.csv``, ``heldout.csv`` and ``wikitext.txt`` (text), ``forget.json``, ``retain.json`` and
+``heldout.json`` (question/answer pairs) are written to the working directory. Only what
 cannot run here is replaced: ``init_from_env`` returns the CPU (no torchrun), and the Hub is off. A block that
 cannot run here at all must be listed in ``NOT_RUN`` with the reason, so a new or broken block fails.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import json
 import random
 import re
 from pathlib import Path
@@ -18,9 +21,19 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
-NOT_RUN: dict[str, str] = {}  # first line of a block -> why it cannot run in the tests
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the user's guide and the reference it links to
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+BLOCKS = [(path.relative_to(ROOT).as_posix(), block) for path in DOCS for block in python_blocks(path)]
+NOT_RUN: dict[str, str] = {  # first line of a block -> why it cannot run in the tests
+    "from fastunlearn.evals.downstream import evaluate_downstream": "lm-eval downloads the task's data from the hub",
+}
 WORDS = [f"w{i}" for i in range(60)]
 SEQ_LEN = 12
 
@@ -63,6 +76,9 @@ def namespace(tmp_path, monkeypatch):
         with open(f"{name}.csv", "w", newline="") as f:
             csv.writer(f).writerows([["text"], *[[row] for row in rows]])
     Path("wikitext.txt").write_text("\n".join(_line(rng, 40) for _ in range(16)) + "\n")  # 640 words: 3 blocks
+    for name, n in (("forget", 4), ("retain", 6), ("heldout", 4)):  # question/answer pairs (docs/engine.md)
+        pairs = [{"question": _line(rng, 5), "answer": _line(rng, 4)} for _ in range(n)]
+        Path(f"{name}.json").write_text(json.dumps(pairs))
     tokenizer, model = _tokenizer(), _model()
     model.save_pretrained(tmp_path / "saved-model")
     tokenizer.save_pretrained(tmp_path / "saved-model")
@@ -99,8 +115,6 @@ def namespace(tmp_path, monkeypatch):
 
 def _tofu_dir(root: Path, rng: random.Random) -> Path:
     """TOFU's four evaluation files (forget01 and the three utility sets) with 3 questions each."""
-    import json
-
     root.mkdir()
     for file in ("forget01", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
         rows = [{"question": _line(rng, 5), "answer": _line(rng, 6), "paraphrased_answer": _line(rng, 6),
@@ -110,17 +124,53 @@ def _tofu_dir(root: Path, rng: random.Random) -> Path:
 
 
 def test_readme_has_the_python_blocks_this_file_expects():
-    assert len(BLOCKS) >= 5, "README.md lost python blocks (or this test's pattern no longer finds them)"
-    first_lines = {block.splitlines()[0] for block in BLOCKS}
+    assert len(python_blocks(README)) >= 2, "README.md lost python blocks (or this test's pattern no longer finds them)"
+    guides = {name for name, _ in BLOCKS if name.startswith("docs/")}
+    assert {"docs/engine.md", "docs/scale-out.md", "docs/tofu.md"} <= guides, f"docs with python blocks: {guides}"
+    first_lines = {block.splitlines()[0] for _, block in BLOCKS}
     stale = set(NOT_RUN) - first_lines
-    assert not stale, f"NOT_RUN lists blocks that are no longer in README.md: {stale}"
+    assert not stale, f"NOT_RUN lists blocks that are no longer in README.md or docs/: {stale}"
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_python_block_runs(block, namespace):
+def _block_id(name: str, block: str) -> str:
+    index = [b for n, b in BLOCKS if n == name].index(block)
+    return f"{Path(name).stem}-block{index}"
+
+
+@pytest.mark.parametrize("name, block", BLOCKS, ids=[_block_id(name, block) for name, block in BLOCKS])
+def test_readme_python_block_runs(name, block, namespace):
     if block.splitlines()[0] in NOT_RUN:
         pytest.skip(NOT_RUN[block.splitlines()[0]])
-    exec(compile(block, "README.md python block", "exec"), namespace)
+    exec(compile(block, f"{name} python block", "exec"), namespace)
+
+
+def test_relative_links_resolve():
+    """Every relative link of README.md, docs/ and the results' READMEs names a file or folder of the repository."""
+    pages = [*DOCS, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "benchmarks").rglob("README.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and "://" not in path and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to nothing: {broken}"
+
+
+def test_cli_reference_names_every_option():
+    """docs/cli.md has a section per subcommand naming each of its options (a new flag must be documented)."""
+    import argparse
+
+    from fastunlearn.cli.app import build_parser
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    sections = dict(re.findall(r"^## `fastunlearn (\w+)`\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M))
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(sections) == set(commands), f"docs/cli.md sections {sorted(sections)} vs commands {sorted(commands)}"
+    missing = [f"{name} {option}" for name, parser in commands.items() for action in parser._actions
+               for option in action.option_strings
+               if option.startswith("--") and option != "--help"
+               and not re.search(f"`{re.escape(option)}[` ]", sections[name])]  # fmt: skip
+    assert not missing, f"options docs/cli.md does not name: {missing}"
 
 
 def test_unlearn_imported_from_the_package_is_the_function():
@@ -155,7 +205,8 @@ def test_every_name_of_the_api_table_works_as_written():
     import importlib
 
     names = api_table_names(README.read_text())
-    assert ("", "ihl_loss") in names and ("", "fused_linear_logprob") in names and ("metrics", "perplexity") in names
+    assert ("", "ihl_loss") in names and ("", "fused_linear_logprob") in names
+    assert ("evals.metrics", "perplexity") in names
     broken = []
     for module, attribute in names:
         try:

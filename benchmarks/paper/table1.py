@@ -1,6 +1,6 @@
 """Table 1 of Cha et al. (arXiv 2408.06621) at small scale: unlearning methods compared on TDEC forget sets.
 
-    python benchmarks/paper/table1.py --scale small    # ~11 min on one free CPU core; results in results/ here
+    python benchmarks/paper/table1.py --scale small    # ~11 min on one CPU core; writes benchmarks/results/table1-small
 
 1. A BPE tokenizer trained on the utility text (Pile + WikiText) and a small GPT-Neo (both cached).
 2. A memorizer: LM training on Pile documents and WikiText passages, with the TDEC forget sequences mixed into
@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tdec"
+RESULTS = REPO / "benchmarks" / "results"  # every experiment's results folder lives here
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastunlearn"
 logger = logging.getLogger("table1")
 
@@ -273,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="benchmark size (default: small)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"TDEC data folder (default: {DEFAULT_DATA})")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/paper/results/table1-<scale>)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/table1-<scale>)")
     parser.add_argument(
         "--cache", type=Path, help="cache root: the tokenizer, memorizer and runs go in <cache>/table1-<scale>-<key> "
         f"(default: {DEFAULT_CACHE}, outside the repository: ~100 MB)",
@@ -282,7 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=1,
         help="torch CPU threads (default: 1; more than the free cores slows the small model down many times)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / f"table1-{args.scale}"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
-    out = args.out or HERE / "results" / f"table1-{args.scale}"
+    out = args.out
     cache = (args.cache or DEFAULT_CACHE) / f"table1-{args.scale}-{scale.key(BUILD_FIELDS)}"
     start = time.perf_counter()
     tokenizer = build_tokenizer(args.data, scale, cache)

@@ -106,7 +106,7 @@ def caption_text(scale: Scale, scale_name: str, model_params: int, data: Data, b
         f"tokens). Forget sets: the first {scale.seq_len} tokens of TDEC texts, {forget}; held-out set: "
         f"{data.sizes['heldout']} sequences of {scale.heldout_file}, never trained on. Reductions from the paper: "
         f"a small model trained here instead of GPT-Neo 125M-2.7B, {scale.seq_len}-token instead of 200-token "
-        f"sequences, {len(scale.forget_files)} forget sets of {scale.forget_size} instead of 5 of 32, LoRA rank "
+        f"sequences, {len(scale.forget_files)} forget sets of {scale.forget_size} instead of 3 of 32, LoRA rank "
         f"{scale.rank} (alpha {2 * scale.rank}), LAMBADA accuracy on {data.sizes['lambada']} passages as the "
         f"utility proxy (accuracy of greedy last-word decoding, and perplexity of the last word's tokens) instead of "
         f"the reasoning / dialogue suites. Retain set: {scale.retain_blocks} WikiText blocks "

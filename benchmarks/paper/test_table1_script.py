@@ -26,3 +26,19 @@ def test_absent_data_folder_skips_with_a_clear_message(tmp_path):
     assert "skipped" in result.stderr and str(missing) in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_results_go_to_benchmarks_results():
+    """The default --out of every paper script is its folder under benchmarks/results, where its results are."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import table1
+    import table1_real
+    import tofu
+
+    results = SCRIPT.parents[1] / "results"
+    assert table1.parse_args([]).out == results / "table1-small"
+    assert table1.parse_args(["--scale", "full"]).out == results / "table1-full"
+    assert table1_real.parse_args([]).out == results / "table1-real"
+    assert tofu.parse_args(["--data", "tofu"]).out == results / "tofu"
+    for name in ("table1-small", "table1-real", "tofu"):
+        assert (results / name / "README.md").is_file(), f"benchmarks/results/{name} lost its README"

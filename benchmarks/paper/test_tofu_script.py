@@ -1,4 +1,4 @@
-"""benchmarks/tofu.py (TOFU on the real model) without running it: --help, the CPU and GPU sizes, a clean skip
+"""benchmarks/paper/tofu.py (TOFU on the real model) without running it: --help, the CPU and GPU sizes, a clean skip
 when the data folder is absent, which pairs it takes, and its table and plot from runs.jsonl records."""
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1]
-SCRIPT = BENCHMARKS / "tofu.py"
-sys.path.insert(0, str(BENCHMARKS))
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "tofu.py"
+sys.path.insert(0, str(HERE))
 import tofu  # noqa: E402
 import tofu_report  # noqa: E402
 

@@ -22,7 +22,7 @@ only the retain records' MA and EL_10, before and after. EL_10 is the dominant e
 of every prefix where the model deviates: all of them for an unseen record), and the held-out baseline is
 cached by the engine across runs. A memorization step (forward and backward of the 24 records, AdamW on 135M
 weights, a forget-MA check every other step) costs about 10 CPU-seconds, an unlearning epoch with its checks about 9
-(README: "The demo on a real model").
+(docs/demo.md; the measured phases: benchmarks/results/demo).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peak extra host memory of one IHL forward+backward on CPU, measured in a fresh process.
 
-    python benchmarks/peak_memory_cpu.py --rows 8192 --cols 50257 --impl torch
+    python benchmarks/ops/peak_memory_cpu.py --rows 8192 --cols 50257 --impl torch
 
 Prints one JSON line. "extra" = peak RSS - (RSS with the inputs allocated) - the gradient buffer: what
 the loss itself holds beyond its output. ru_maxrss is a process high-water mark, hence the fresh process.

@@ -1,7 +1,7 @@
 """TOFU (Maini et al. 2024) with the methods of Cha et al. (arXiv 2408.06621, Sec. 5.2) on a real model:
 SmolLM2-135M-Instruct as ``fastunlearn.models.real_model()`` provides it (a Q4_1 GGUF, dequantized to float32).
 
-    nohup .venv/bin/python benchmarks/tofu.py --data ../shared/data/tofu > benchmarks/results/tofu/run.log 2>&1 &
+    nohup .venv/bin/python benchmarks/paper/tofu.py --data ../shared/data/tofu > benchmarks/results/tofu/run.log 2>&1 &
 
 Every step is cached under ``--cache`` (default ``<fastunlearn cache>/tofu/<settings hash>``); a rerun skips the
 finished ones and resumes an interrupted fine-tune or unlearning run from its last epoch:
@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks" / "paper"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # table1_config, tofu_report
 from table1_config import SCALES  # noqa: E402
 from table1_config import methods as paper_methods  # noqa: E402
 from tofu_report import write_outputs  # noqa: E402

@@ -1,6 +1,6 @@
 """Where one FILA + IHL epoch's time and host memory go on a real model (SmolLM2-135M-Instruct, V = 49152), on CPU.
 
-    python benchmarks/cost_real_model.py            # 8 x 64 forget tokens (TDEC), 8 x 64 retain (WikiText)
+    python benchmarks/ops/cost_real_model.py            # 8 x 64 forget tokens (TDEC), 8 x 64 retain (WikiText)
 
 Two parts, one process:
 
@@ -45,7 +45,7 @@ from fastunlearn.lora.layer import inject_lora
 from fastunlearn.losses import forget_term, retain_loss, shift_causal
 from fastunlearn.models import real_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TDEC = ROOT.parent / "shared" / "data" / "tdec"
 MB = 2**20
 

@@ -1,6 +1,6 @@
 """LoRALinear forward+backward vs the frozen nn.Linear it wraps (pytest-benchmark).
 
-    pytest benchmarks/bench_lora.py --benchmark-enable --benchmark-json=bench_lora.json
+    pytest benchmarks/ops/bench_lora.py --benchmark-enable --benchmark-json=bench_lora.json
 
 8 x 200 tokens through a GPT-2 sized 768 -> 768 and 768 -> 3072 layer. Both providers compute the
 input gradient (as inside a network); LoRA also computes the adapters' gradients. test_overhead times

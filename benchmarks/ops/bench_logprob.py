@@ -5,8 +5,8 @@
 - ``logits``: the model's logits + ``token_logprob``, and a second, frozen copy of the model run every step for
   the reference (how open-unlearning's NPO trainer computes it).
 
-    python benchmarks/bench_logprob.py                       # both paths at V = 49152 and 128256, and ratios
-    python benchmarks/bench_logprob.py --path fused --vocab 128256 --batch 8 --seq 128
+    python benchmarks/ops/bench_logprob.py                       # both paths at V = 49152 and 128256, and ratios
+    python benchmarks/ops/bench_logprob.py --path fused --vocab 128256 --batch 8 --seq 128
 
 "step_ms": the median of ``--repeats`` steps after a warm-up. "peak_mb": peak RSS minus the RSS once the model
 and the batch exist and a warm-up step on 2 tokens has allocated the parameters' gradients; it includes the

@@ -1,7 +1,7 @@
 """Per-example Fisher of one GPT-Neo-125M layer: fastunlearn vs a per-example backward loop vs vmap(grad).
 
-    pytest benchmarks/bench_fisher.py --benchmark-enable [--benchmark-json=bench.json]
-    python benchmarks/bench_fisher.py --provider loop      # peak extra host memory of one provider (JSON)
+    pytest benchmarks/ops/bench_fisher.py --benchmark-enable [--benchmark-json=bench.json]
+    python benchmarks/ops/bench_fisher.py --provider loop      # peak extra host memory of one provider (JSON)
 
 The layer is the MLP's c_fc (768 -> 3072) and the batch 8 sequences x 200 tokens: X (8, 200, 768) ~ N(0, 1)
 (a layer-normed hidden state) and G (8, 200, 3072) ~ N(0, 1e-3^2) (output gradients of a summed NLL). Each

@@ -1,6 +1,6 @@
 """Row-weighted rank-16 SVD of a model's layers: fastunlearn vs a torch.svd_lowrank loop vs full SVD.
 
-    pytest benchmarks/bench_lowrank.py --benchmark-enable --benchmark-json=bench.json
+    pytest benchmarks/ops/bench_lowrank.py --benchmark-enable --benchmark-json=bench.json
 
 Layer sets: "gpt-neo-125m" (12 x 768x768 and 12 x 3072x768, float32) everywhere; on CUDA also "llama-7b",
 the 224 attention + MLP projections of Llama-7B in bfloat16 (128 x 4096x4096, 64 x 11008x4096,

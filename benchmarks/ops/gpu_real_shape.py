@@ -1,8 +1,9 @@
 """The real-model cost at GPU scale, with RANDOM weights: timings and memory only, no quality numbers.
 
-SmolLM2-135M's weights (93 MB) cannot travel to the lent GPU machine, so this builds a randomly initialized
-LlamaForCausalLM with SmolLM2-135M's exact config (30 layers, hidden 576, intermediate 1536, 9 heads / 3 KV
-heads, vocabulary 49152, tied embeddings, rope theta 100000) in bfloat16 and times, on random token ids:
+So that it runs on a GPU machine without network access or the model's weights (93 MB), this builds a
+randomly initialized LlamaForCausalLM with SmolLM2-135M's exact config (30 layers, hidden 576, intermediate
+1536, 9 heads / 3 KV heads, vocabulary 49152, tied embeddings, rope theta 100000) in bfloat16 and times, on
+random token ids:
 
 - ``fila``: FILA's setup (``fila.fila_init``, preset targets, rank 16): the forget and retain per-example
   Fishers plus the batched weighted low-rank SVD; ``fisher_only_s`` times the two Fishers alone (one extra
@@ -14,8 +15,8 @@ heads, vocabulary 49152, tied embeddings, rope theta 100000) in bfloat16 and tim
   allocated before it, and the first forget loss (the two paths should agree to bf16 rounding);
 - ``el10``: ``metrics.extraction_likelihood`` (EL_10) on the forget batch.
 
-    python benchmarks/gpu_real_shape.py --out real_shape.json        # CUDA, full size (about 1 min on an H200)
-    python benchmarks/gpu_real_shape.py --device cpu --tiny          # a smoke run of the same code on CPU
+    python benchmarks/ops/gpu_real_shape.py --out real_shape.json        # CUDA, full size (about 1 min on an H200)
+    python benchmarks/ops/gpu_real_shape.py --device cpu --tiny          # a smoke run of the same code on CPU
 
 Default batch: 32 x 200 forget tokens and 32 x 200 retain tokens.
 """

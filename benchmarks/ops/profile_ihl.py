@@ -1,6 +1,6 @@
 """Where the time of one fused IHL forward+backward goes on CUDA: kernel table and wall vs GPU time.
 
-    python benchmarks/profile_ihl.py [--rows 8192 --cols 128256]
+    python benchmarks/ops/profile_ihl.py [--rows 8192 --cols 128256]
 
 Prints the forward config the autotuner chose, the CUDA kernels of 5 iterations (torch.profiler) and
 the host wall time per iteration, to separate kernel time from framework overhead.

@@ -1,6 +1,6 @@
 """IHL forward+backward: fastunlearn vs the eager formula vs torch.compile of it (pytest-benchmark).
 
-    pytest benchmarks/bench_ihl.py --benchmark-enable --benchmark-json=bench.json
+    pytest benchmarks/ops/bench_ihl.py --benchmark-enable --benchmark-json=bench.json
 
 On CUDA: the issue's shapes in bf16 and fp32, peak memory, and (test_targets) the targets at
 (8192, 128256) bf16: >= 80% of the device-copy bandwidth for the bytes the kernels must move, >= 5x the

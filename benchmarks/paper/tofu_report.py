@@ -36,7 +36,7 @@ def latest(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["# TOFU on SmolLM2-135M-Instruct (fastunlearn benchmarks/tofu.py)", ""]
+    lines = ["# TOFU on SmolLM2-135M-Instruct (fastunlearn benchmarks/paper/tofu.py)", ""]
     for split, rows in latest(runs).items():
         head = rows[0]
         sizes, settings = head["sizes"], head["settings"]

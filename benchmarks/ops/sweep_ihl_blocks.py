@@ -1,6 +1,6 @@
 """Time the IHL Triton kernels over block sizes and warp counts on CUDA (informs kernels/ihl.py defaults).
 
-python benchmarks/sweep_ihl_blocks.py --out sweep.json
+python benchmarks/ops/sweep_ihl_blocks.py --out sweep.json
 """
 
 from __future__ import annotations

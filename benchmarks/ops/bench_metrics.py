@@ -1,6 +1,6 @@
 """EL_10 of 32 sequences x 200 tokens: fastunlearn's extraction_likelihood vs one generate call per prefix length.
 
-    pytest benchmarks/bench_metrics.py [--benchmark-json=bench.json]
+    pytest benchmarks/ops/bench_metrics.py [--benchmark-json=bench.json]
 
 Model: a GPT-Neo with 2 layers (global + local attention, window 256), hidden 64, 4 heads, MLP 256, vocab 128,
 context 200: 120,704 parameters. Training a model to memorize 32 x 200 random tokens is what makes a forget

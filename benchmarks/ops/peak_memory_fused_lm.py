@@ -2,8 +2,8 @@
 ``causal_lm_ihl_loss`` against the patched model's fused path (``model(..., ihl=True)``), each measured in
 a fresh process.
 
-    python benchmarks/peak_memory_fused_lm.py                      # both paths, one JSON line each
-    python benchmarks/peak_memory_fused_lm.py --path fused --batch 8 --seq 200 --vocab 50257
+    python benchmarks/ops/peak_memory_fused_lm.py                      # both paths, one JSON line each
+    python benchmarks/ops/peak_memory_fused_lm.py --path fused --batch 8 --seq 200 --vocab 50257
 
 "peak_bytes" = peak RSS - RSS once the model and the batch exist (after a warm-up on 2 tokens): what the
 step holds at its high-water mark (activations, logits or their chunks, gradients). The default model is a
