@@ -15,8 +15,8 @@ finished ones and resumes an interrupted fine-tune or unlearning run from its la
    evaluation is the reference of forget quality (``fastunlearn.evals.tofu.evaluate_tofu``).
 4. Each method (GA, GD, LoRA + GD, LoRA + IHL, FILA + IHL: ``paper/table1_config.methods``) unlearns the forget set
    from the target model through ``fastunlearn.unlearn`` with ``stop="epochs"`` (TOFU: 5 epochs; an epoch is one
-   update from the whole forget set), the retain pairs as its retain set; its ``on_epoch`` hook evaluates forget
-   quality and model utility (epoch 0 = the target model, evaluated once for all methods).
+   update from the whole forget set), the retain pairs as its retain set; its ``evaluate_each_epoch`` hook evaluates
+   forget quality and model utility (epoch 0 = the target model, evaluated once for all methods).
 5. ``--out``: runs.jsonl (one line per finished method), tofu.md (the table), tofu.png (model utility vs forget
    quality per epoch, one trajectory per method, the paper's figure), and the engine's own report per run in
    the cache. ``--gpu-scale``: the paper's full protocol (every author, forget01 / 05 / 10, all evaluation
@@ -211,7 +211,7 @@ def unlearn_method(method, target_dir: Path, data: dict, target_eval: dict, reta
         return summary(result)
 
     start = time.perf_counter()
-    result = unlearn(model, UnlearningData(data["forget"], data["retain"]), config, folder, on_epoch=hook)
+    result = unlearn(model, UnlearningData(data["forget"], data["retain"]), config, folder, evaluate_each_epoch=hook)
     log = result.log
     trajectory = [{"epoch": 0, **log["baseline"]["on_epoch"]}]
     trajectory += [{"epoch": e["epoch"], "forget_ma": e["forget_ma"], **e["on_epoch"]}

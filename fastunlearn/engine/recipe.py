@@ -105,13 +105,13 @@ class UnlearnRecipe:
 
     def __init__(self, model: nn.Module, data, config: UnlearnConfig, out_dir: str | Path, *, tokenizer=None,
                  resume: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
+                 evaluate_each_epoch: evaluation.EpochHook | None = None,
                  on_epoch: evaluation.EpochHook | None = None) -> None:  # fmt: skip
         if not isinstance(config, UnlearnConfig):
             raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
         self.model, self.cfg, self.out = model, config, Path(out_dir)
-        self.tokenizer, self.resume, self.on_epoch_end, self.on_epoch = tokenizer, resume, on_epoch_end, on_epoch
-        if on_epoch is not None and not callable(on_epoch):
-            raise TypeError(f"on_epoch must be a callable (model, epoch) -> dict, got {type(on_epoch).__name__}")
+        self.tokenizer, self.resume, self.on_epoch_end = tokenizer, resume, on_epoch_end
+        self.evaluate_each_epoch = evaluation.evaluation_hook(evaluate_each_epoch, on_epoch)  # on_epoch: deprecated
         self.tasks, self.retain, self.heldout = check_data(data, config)
         self.utility = utility_sets(data)  # {name: text never trained on}; perplexity measured like the retain set's
         self.process = dist_utils.current()
@@ -171,8 +171,8 @@ class UnlearnRecipe:
             self.log["baseline"], self.log["criterion"], self.log["baseline_cache"] = evaluation.baseline(
                 model, cfg, self.tasks, self.retain, self.heldout, cache, self.utility
             )
-            if self.on_epoch is not None:  # epoch 0: the model as given (with adapters that change nothing yet)
-                self.log["baseline"]["on_epoch"] = evaluation.call_hook(self.on_epoch, model, 0)
+            if self.evaluate_each_epoch is not None:  # epoch 0: the model as given (adapters that change nothing yet)
+                self.log["baseline"]["on_epoch"] = evaluation.call_hook(self.evaluate_each_epoch, model, 0)
             self.lap("baseline_s")
             self.save_checkpoint(None)  # a resume skips the setup (FILA's Fisher) and the baseline
         else:
@@ -228,8 +228,8 @@ class UnlearnRecipe:
         record.update(forget_ma=metrics["ma"], forget_el=metrics["el"],
                       retain_ppl=evaluation.retain_ppl(self.model, self.retain, cfg, phase),
                       utility_ppl=evaluation.utility_ppl(self.model, self.utility, cfg, phase))  # fmt: skip
-        if self.on_epoch is not None:
-            record["on_epoch"] = evaluation.call_hook(self.on_epoch, self.model, record["epoch"])
+        if self.evaluate_each_epoch is not None:
+            record["on_epoch"] = evaluation.call_hook(self.evaluate_each_epoch, self.model, record["epoch"])
         record["criterion_met"] = evaluation.criterion_met(metrics, crit)
         record["eval_s"] = self.lap("eval_s")
         task["epochs"].append(record)
@@ -309,6 +309,7 @@ def unlearn(
     tokenizer=None,
     resume: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    evaluate_each_epoch: evaluation.EpochHook | None = None,
     on_epoch: evaluation.EpochHook | None = None,
 ) -> UnlearnResult:
     """Unlearn ``data``'s forget set(s) from ``model`` (trained in place) and write the run to ``out_dir``.
@@ -321,15 +322,20 @@ def unlearn(
     (then pass the same, unmodified model, data and config: each is checked); it is locked while the run
     lasts. Refusals are one-line errors (``outdir.OutDirError``, ``checkpoint.CheckpointError``, ValueError)
     raised before any compute. ``tokenizer`` is saved with the merged model.
-    ``on_epoch_end(task_index, epoch_record)`` runs after each epoch's checkpoint is written.
-    ``on_epoch(model, epoch) -> {name: float}``: an evaluation of your own (TOFU's forget quality and model
-    utility), run in eval mode without gradients once before unlearning (epoch 0, into ``log["baseline"]``) and
-    after every epoch's update (epoch = the task's epoch number, into that epoch's record), both under the key
-    ``"on_epoch"`` (a non-finite value is recorded as None); the report's epoch table and plot show the values.
-    Multi-process: every rank calls it (FSDP forwards need them all); rank 0's values are written.
+    Two hooks, one of each kind:
+
+    - ``on_epoch_end(task_index, epoch_record)``: a callback (progress, early interruption) run after each epoch's
+      checkpoint is written; what it returns is ignored (``finetune`` has the same hook).
+    - ``evaluate_each_epoch(model, epoch) -> {name: float}``: an evaluation of your own (TOFU's forget quality and
+      model utility), run in eval mode without gradients once before unlearning (epoch 0, into
+      ``log["baseline"]``) and after every epoch's update (epoch = the task's epoch number, into that epoch's
+      record), both under the key ``"on_epoch"`` (a non-finite value is recorded as None); the report's epoch
+      table and plot show the values. Multi-process: every rank calls it (FSDP forwards need them all); rank 0's
+      values are written. ``on_epoch`` is its former name: still accepted, with a DeprecationWarning.
     """
+    hook = evaluation.evaluation_hook(evaluate_each_epoch, on_epoch)  # the warning points at the caller
     recipe = UnlearnRecipe(model, data, config, out_dir, tokenizer=tokenizer, resume=resume,
-                           on_epoch_end=on_epoch_end, on_epoch=on_epoch)  # fmt: skip
+                           on_epoch_end=on_epoch_end, evaluate_each_epoch=hook)  # fmt: skip
     try:
         recipe.setup()
         recipe.train()
