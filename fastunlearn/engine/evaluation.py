@@ -19,6 +19,7 @@ from fastunlearn.engine.cache import HeldoutCache
 from fastunlearn.engine.config import UnlearnConfig
 from fastunlearn.engine.inputs import set_name
 from fastunlearn.engine.progress import Progress, info
+from fastunlearn.engine.runlog import EpochRecord
 from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy, sequence_nll
 from fastunlearn.utils import distributed as dist_utils
 
@@ -161,14 +162,14 @@ def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, cache
     return before, {"stop": cfg.stop, "ma": limits["ma"], "el": limits["el"]}, source
 
 
-def stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:
+def stop_reason(record: EpochRecord, cfg: UnlearnConfig) -> str | None:
     """Why the task stops after this epoch's ``record``, or None to go on."""
-    epoch = record["epoch"]
-    if not record["updated"]:
+    epoch = record.epoch
+    if not record.updated:
         return f"non-finite loss or gradient at epoch {epoch}: stopped without that update"
     if cfg.stop == "epochs":
         return f"ran the {epoch} epochs of stop='epochs'" if epoch == cfg.max_epochs else None
-    if record["criterion_met"] and epoch >= cfg.min_epochs:
+    if record.criterion_met and epoch >= cfg.min_epochs:
         return f"criterion met at epoch {epoch}"
     if epoch == cfg.max_epochs:
         return f"max_epochs ({cfg.max_epochs}) reached without meeting the criterion"
@@ -218,10 +219,10 @@ def call_hook(hook: EpochHook, model: nn.Module, epoch: int) -> dict[str, float 
     return out
 
 
-def task_success(record: dict, cfg: UnlearnConfig) -> bool:
+def task_success(record: EpochRecord, cfg: UnlearnConfig) -> bool:
     """Whether a task that stopped after ``record`` succeeded: its last update was made and it met the criterion
     (stop="epochs": it ran every epoch)."""
-    return record["updated"] and (cfg.stop == "epochs" or bool(record["criterion_met"]))
+    return record.updated and (cfg.stop == "epochs" or bool(record.criterion_met))
 
 
 def epoch_check(ma_of: Callable[[], float], el_of: Callable[[], float], criterion: dict) -> tuple[dict, bool]:
