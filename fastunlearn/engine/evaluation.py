@@ -21,6 +21,7 @@ from fastunlearn.engine.inputs import set_name
 from fastunlearn.engine.progress import Progress, info
 from fastunlearn.engine.runlog import EpochRecord
 from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy, sequence_nll
+from fastunlearn.evals.metrics.common import inference
 from fastunlearn.utils import distributed as dist_utils
 
 
@@ -198,13 +199,8 @@ def call_hook(hook: EpochHook, model: nn.Module, epoch: int) -> dict[str, float 
     """``hook(model, epoch)`` in eval mode without gradients (the mode restored after), its values checked:
     {name: float}, a non-finite value recorded as None; TypeError / ValueError naming ``evaluate_each_epoch``
     otherwise."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            values = hook(model, epoch)
-    finally:
-        model.train(training)
+    with inference(model):
+        values = hook(model, epoch)
     if not isinstance(values, dict):
         raise TypeError(f"{HOOK} must return a dict {{name: float}}, got {type(values).__name__} at epoch {epoch}")
     out = {}
