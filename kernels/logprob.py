@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ihl import FORWARD_CONFIGS, launch_config
+from .ihl import FORWARD_CONFIGS, launch_config, settle_label
 from .launch import interpreting
 
 
@@ -34,15 +34,7 @@ def _logprob_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_row_stride
     y = tl.load(labels_ptr + row)
-    if y == ignore_index:
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(stats_ptr + 2 * row, 0.0)
-        tl.store(stats_ptr + 2 * row + 1, 0.0)
-        return
-    if (y < 0) | (y >= n_cols):
-        tl.store(logp_ptr + row, float("nan"))
-        tl.store(stats_ptr + 2 * row, float("nan"))
-        tl.store(stats_ptr + 2 * row + 1, float("nan"))
+    if settle_label(logp_ptr, stats_ptr, row, y, n_cols, ignore_index):  # ignored: 0, out of range: NaN
         return
     # Per lane: max m_k and s_k = sum exp(z - m_k), one exp per element (see kernels/ihl.py); m_k starts at the
     # lowest finite float so -inf logits add 0 instead of NaN.

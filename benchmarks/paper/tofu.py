@@ -1,5 +1,5 @@
 """TOFU (Maini et al. 2024) with the methods of Cha et al. (arXiv 2408.06621, Sec. 5.2) on a real model:
-SmolLM2-135M-Instruct as ``fastunlearn.models.real_model()`` provides it (a Q4_1 GGUF, dequantized to float32).
+SmolLM2-135M-Instruct as ``fastunlearn.demo.smollm2.real_model()`` provides it (a Q4_1 GGUF, dequantized to float32).
 
     nohup .venv/bin/python benchmarks/paper/tofu.py --data ../shared/data/tofu > benchmarks/results/tofu/run.log 2>&1 &
 
@@ -15,8 +15,8 @@ finished ones and resumes an interrupted fine-tune or unlearning run from its la
    evaluation is the reference of forget quality (``fastunlearn.evals.tofu.evaluate_tofu``).
 4. Each method (GA, GD, LoRA + GD, LoRA + IHL, FILA + IHL: ``paper/table1_config.methods``) unlearns the forget set
    from the target model through ``fastunlearn.unlearn`` with ``stop="epochs"`` (TOFU: 5 epochs; an epoch is one
-   update from the whole forget set), the retain pairs as its retain set; its ``on_epoch`` hook evaluates forget
-   quality and model utility (epoch 0 = the target model, evaluated once for all methods).
+   update from the whole forget set), the retain pairs as its retain set; its ``evaluate_each_epoch`` hook evaluates
+   forget quality and model utility (epoch 0 = the target model, evaluated once for all methods).
 5. ``--out``: runs.jsonl (one line per finished method), tofu.md (the table), tofu.png (model utility vs forget
    quality per epoch, one trajectory per method, the paper's figure), and the engine's own report per run in
    the cache. ``--gpu-scale``: the paper's full protocol (every author, forget01 / 05 / 10, all evaluation
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="TOFU's JSON files (e.g. ../shared/data/tofu)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tofu")
     p.add_argument("--cache", type=Path, help="step cache (default: <fastunlearn cache root>/tofu)")
-    p.add_argument("--model", help="base model directory (default: fastunlearn.models.real_model(), SmolLM2-135M)")
+    p.add_argument("--model", help="base model directory (default: SmolLM2-135M, demo.smollm2.real_model())")
     p.add_argument("--gpu-scale", action="store_true", help="full TOFU: every author, forget01/05/10, all questions")
     p.add_argument("--splits", nargs="+", default=None, help="forget splits (forget01; --gpu-scale: all three)")
     p.add_argument("--forget-authors", type=int, help="authors of the forget split unlearned (CPU: 2 = forget01)")
@@ -132,7 +132,8 @@ def load_data(args, split: str, tokenizer) -> dict:
 
 def base_model(args):
     """(model, tokenizer): ``--model``, else the real model."""
-    from fastunlearn.models import load_model, real_model
+    from fastunlearn.demo.smollm2 import real_model
+    from fastunlearn.models import load_model
 
     return real_model() if args.model is None else load_model(args.model, "float32", "cpu")
 
@@ -210,7 +211,7 @@ def unlearn_method(method, target_dir: Path, data: dict, target_eval: dict, reta
         return summary(result)
 
     start = time.perf_counter()
-    result = unlearn(model, UnlearningData(data["forget"], data["retain"]), config, folder, on_epoch=hook)
+    result = unlearn(model, UnlearningData(data["forget"], data["retain"]), config, folder, evaluate_each_epoch=hook)
     log = result.log
     trajectory = [{"epoch": 0, **log["baseline"]["on_epoch"]}]
     trajectory += [{"epoch": e["epoch"], "forget_ma": e["forget_ma"], **e["on_epoch"]}

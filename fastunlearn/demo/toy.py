@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,18 +33,17 @@ from tqdm.auto import tqdm
 from fastunlearn.data.text import SequenceSet, UnlearningData, tokenize_sequences
 from fastunlearn.demo import cache as demo_cache
 from fastunlearn.demo.cache import MANIFEST, cache_path, check_cache_root, load_cached, save_cache  # noqa: F401 - the demo API
-from fastunlearn.demo.data import FIRST_NAMES, make_records, person, train_tokenizer
+from fastunlearn.demo.config import EL_N, BaseDemoConfig
+from fastunlearn.demo.data import make_records, person, train_tokenizer
 from fastunlearn.engine import UnlearnConfig, unlearn
 from fastunlearn.engine.finetune import sft_step
 from fastunlearn.evals.metrics import evaluate, memorization_accuracy, perplexity
 from fastunlearn.utils.atomic import atomic_directory
-from fastunlearn.utils.validate import check_number
 
 logger = logging.getLogger("fastunlearn.demo")  # memorization progress; shown where log_to_terminal() is on
 VOCAB_SIZE = 1024  # BPE tokens: whole names and words are single tokens
 MAX_SEQ_LEN = 32  # records are longer (34+ tokens over 60 seeds), so no sequence is padded
 NUM_HEADS = 4
-EL_N = 10
 MEMORIZED_MA = 1.0  # memorization stops once greedy decoding reproduces every training record
 CHECK_EVERY = 25  # memorization steps between two MA checks
 CACHE_FORMAT = 1  # bump when the cached files change meaning
@@ -55,65 +53,29 @@ SETS = ("forget", "retain", "heldout")
 
 
 @dataclass
-class DemoConfig:
-    seed: int = 0  # records, tokenizer corpus, model initialization, unlearning
-    n_forget: int = 12  # records to forget
-    n_retain: int = 36  # records to keep (trained on, and the retain loss's data)
-    n_heldout: int = 12  # records never trained on: what "forgotten" looks like
-    seq_len: int = 32  # tokens per record (its first seq_len tokens), at most MAX_SEQ_LEN
+class DemoConfig(BaseDemoConfig):
+    """The default demo: :class:`fastunlearn.demo.config.BaseDemoConfig`'s fields and defaults, and the tiny
+    GPT-Neo's size. ``memorize_steps`` stop early once the training records' MA reaches MEMORIZED_MA; ``seq_len``
+    is at most MAX_SEQ_LEN."""
+
     hidden_size: int = 128  # GPT-Neo width (NUM_HEADS heads), MLP 4x
     num_layers: int = 2
-    memorize_steps: int = 300  # at most; stops once the training records' MA reaches MEMORIZED_MA
-    memorize_lr: float = 3e-3
-    unlearn_epochs: int = 100  # max_epochs of the engine (one update each)
-    unlearn_lr: float = 2e-4  # the paper's FILA learning rate
-    rank: int = 16  # FILA adapter rank (alpha = 2 x rank)
-    n_examples: int = 3  # forget records whose greedy completions are shown
-    out_dir: str | os.PathLike = "fastunlearn-demo"  # replaced if it holds a previous demo output
-    cache_dir: str | os.PathLike | None = None  # cache root; None: $FASTUNLEARN_CACHE_DIR or ~/.cache/fastunlearn
+
+    MEMORIZATION_FIELDS = (*BaseDemoConfig.MEMORIZATION_FIELDS, "hidden_size", "num_layers")
 
     def __post_init__(self) -> None:
-        minimums = {
-            "n_forget": 1, "n_retain": 1, "n_heldout": 1, "seq_len": EL_N + 1, "hidden_size": NUM_HEADS,
-            "num_layers": 1, "memorize_steps": 1, "unlearn_epochs": 1, "rank": 1, "n_examples": 0,
-        }  # fmt: skip
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        for name, low in minimums.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if sum(self.sizes.values()) > len(FIRST_NAMES):
-            raise ValueError(
-                f"n_forget + n_retain + n_heldout must be <= {len(FIRST_NAMES)} (one first name per record), got "
-                f"{sum(self.sizes.values())}"
-            )
+        super().__post_init__()
         if self.seq_len > MAX_SEQ_LEN:
             raise ValueError(f"seq_len must be <= {MAX_SEQ_LEN} (the shortest records' length), got {self.seq_len}")
         if self.hidden_size % NUM_HEADS:
             raise ValueError(f"hidden_size must be a multiple of {NUM_HEADS} (attention heads), got {self.hidden_size}")
-        if self.n_examples > self.n_forget:
-            raise ValueError(f"n_examples must be <= n_forget ({self.n_forget}), got {self.n_examples}")
-        for name in ("memorize_lr", "unlearn_lr"):
-            check_number(name, getattr(self, name), 0, strict=True)
-        self.out_dir = Path(self.out_dir)
-        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
 
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {"forget": self.n_forget, "retain": self.n_retain, "heldout": self.n_heldout}
+    def minimums(self) -> dict[str, int]:
+        return {**super().minimums(), "hidden_size": NUM_HEADS, "num_layers": 1}
 
-    def memorization_settings(self) -> dict:
-        """What the memorized model depends on (the cache key, with the records themselves)."""
-        names = ("seed", "n_forget", "n_retain", "n_heldout", "seq_len", "hidden_size", "num_layers",
-                 "memorize_steps", "memorize_lr")  # fmt: skip
-        fixed = {
-            "format": CACHE_FORMAT,
-            "vocab_size": VOCAB_SIZE,
-            "memorized_ma": MEMORIZED_MA,
-            "check_every": CHECK_EVERY,
-        }
-        return {**fixed, **{name: getattr(self, name) for name in names}}
+    def fixed_settings(self) -> dict:
+        return {"format": CACHE_FORMAT, "vocab_size": VOCAB_SIZE, "memorized_ma": MEMORIZED_MA,
+                "check_every": CHECK_EVERY}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
   ``stop="epochs"`` (TOFU's protocol) has no criterion: exactly ``max_epochs`` epochs, no held-out set needed,
   the forget MA every epoch, never EL_n (the costliest metric; no criterion needs it); a non-finite update is
   still a failure.
-- **Evaluation hook**: ``on_epoch(model, epoch) -> {name: float}`` (e.g. TOFU's forget quality and model
+- **Hooks**: ``evaluate_each_epoch(model, epoch) -> {name: float}`` (e.g. TOFU's forget quality and model
   utility) runs before unlearning (epoch 0) and after every epoch; its values go into ``log.json`` under
-  ``"on_epoch"`` and into the report and plot.
+  ``"on_epoch"`` and into the report and plot (``on_epoch=`` is its deprecated former name).
+  ``on_epoch_end(task_index, epoch_record)`` is a callback after each epoch's checkpoint, as in ``finetune``.
 - **Continual**: forget sets unlearned one after another on the same model (adapters continue; a new optimizer
   per task; FILA is initialized once, from the first task). After each task every forget set so far, the
   held-out set and (if asked) the retain perplexity are measured again. The run succeeds when every task met

@@ -134,5 +134,5 @@ class UnlearnConfig:
 class UnlearnResult:
     model: nn.Module  # the unlearned model, trained in place (adapters not merged)
     success: bool  # every forget set met the criterion when its training stopped, and still does at the end
-    log: dict  # what log.json holds: config, baseline, every epoch's metrics, stop reasons, timings
+    log: dict  # what log.json holds (engine.runlog.RunLog.to_dict()): config, baseline, epochs, stop reasons, timings
     out_dir: Path

@@ -6,6 +6,7 @@ Multi-process: each rank measures its share of the sequences and every rank gets
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -18,7 +19,9 @@ from fastunlearn.engine.cache import HeldoutCache
 from fastunlearn.engine.config import UnlearnConfig
 from fastunlearn.engine.inputs import set_name
 from fastunlearn.engine.progress import Progress, info
+from fastunlearn.engine.runlog import EpochRecord
 from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy, sequence_nll
+from fastunlearn.evals.metrics.common import inference
 from fastunlearn.utils import distributed as dist_utils
 
 
@@ -160,14 +163,14 @@ def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, cache
     return before, {"stop": cfg.stop, "ma": limits["ma"], "el": limits["el"]}, source
 
 
-def stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:
+def stop_reason(record: EpochRecord, cfg: UnlearnConfig) -> str | None:
     """Why the task stops after this epoch's ``record``, or None to go on."""
-    epoch = record["epoch"]
-    if not record["updated"]:
+    epoch = record.epoch
+    if not record.updated:
         return f"non-finite loss or gradient at epoch {epoch}: stopped without that update"
     if cfg.stop == "epochs":
         return f"ran the {epoch} epochs of stop='epochs'" if epoch == cfg.max_epochs else None
-    if record["criterion_met"] and epoch >= cfg.min_epochs:
+    if record.criterion_met and epoch >= cfg.min_epochs:
         return f"criterion met at epoch {epoch}"
     if epoch == cfg.max_epochs:
         return f"max_epochs ({cfg.max_epochs}) reached without meeting the criterion"
@@ -175,36 +178,47 @@ def stop_reason(record: dict, cfg: UnlearnConfig) -> str | None:
 
 
 EpochHook = Callable[[nn.Module, int], dict]
+HOOK = "evaluate_each_epoch"  # the evaluation hook's keyword; "on_epoch" before (still accepted, deprecated)
+
+
+def evaluation_hook(evaluate_each_epoch: EpochHook | None, on_epoch: EpochHook | None) -> EpochHook | None:
+    """The hook given as ``evaluate_each_epoch``, or as the deprecated ``on_epoch`` (a DeprecationWarning
+    pointing at the caller's caller: the code that called ``unlearn`` or ``UnlearnRecipe``); TypeError for both
+    or for one that is not callable."""
+    if on_epoch is not None:
+        if evaluate_each_epoch is not None:
+            raise TypeError(f"pass {HOOK} (the evaluation hook) or the deprecated on_epoch, not both")
+        warnings.warn(f"on_epoch= is deprecated: pass the same hook as {HOOK}=", DeprecationWarning, stacklevel=3)
+        evaluate_each_epoch = on_epoch
+    if evaluate_each_epoch is not None and not callable(evaluate_each_epoch):
+        raise TypeError(f"{HOOK} must be a callable (model, epoch) -> dict, got {type(evaluate_each_epoch).__name__}")
+    return evaluate_each_epoch
 
 
 def call_hook(hook: EpochHook, model: nn.Module, epoch: int) -> dict[str, float | None]:
     """``hook(model, epoch)`` in eval mode without gradients (the mode restored after), its values checked:
-    {name: float}, a non-finite value recorded as None; TypeError / ValueError naming ``on_epoch`` otherwise."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            values = hook(model, epoch)
-    finally:
-        model.train(training)
+    {name: float}, a non-finite value recorded as None; TypeError / ValueError naming ``evaluate_each_epoch``
+    otherwise."""
+    with inference(model):
+        values = hook(model, epoch)
     if not isinstance(values, dict):
-        raise TypeError(f"on_epoch must return a dict {{name: float}}, got {type(values).__name__} at epoch {epoch}")
+        raise TypeError(f"{HOOK} must return a dict {{name: float}}, got {type(values).__name__} at epoch {epoch}")
     out = {}
     for name, value in values.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"on_epoch must return non-empty string keys, got {name!r} at epoch {epoch}")
+            raise ValueError(f"{HOOK} must return non-empty string keys, got {name!r} at epoch {epoch}")
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"on_epoch value {name!r} must be a number or None, got {value!r} at epoch {epoch}")
+            raise ValueError(f"{HOOK} value {name!r} must be a number or None, got {value!r} at epoch {epoch}")
         out[name] = None if value is None else finite(float(value))
     return out
 
 
-def task_success(record: dict, cfg: UnlearnConfig) -> bool:
+def task_success(record: EpochRecord, cfg: UnlearnConfig) -> bool:
     """Whether a task that stopped after ``record`` succeeded: its last update was made and it met the criterion
     (stop="epochs": it ran every epoch)."""
-    return record["updated"] and (cfg.stop == "epochs" or bool(record["criterion_met"]))
+    return record.updated and (cfg.stop == "epochs" or bool(record.criterion_met))
 
 
 def epoch_check(ma_of: Callable[[], float], el_of: Callable[[], float], criterion: dict) -> tuple[dict, bool]:

@@ -47,7 +47,7 @@ from fastunlearn.lora.export import save_merged_model
 from fastunlearn.losses import retain_term
 from fastunlearn.utils import distributed as dist_utils
 from fastunlearn.utils.atomic import atomic_directory
-from fastunlearn.utils.validate import check_bool, check_choice, check_int, check_number
+from fastunlearn.utils.validate import check_bool, check_choice, check_int, check_number, check_token_ids
 
 SCHEDULES = ("linear", "constant")
 MODEL_DIR = "model"
@@ -181,9 +181,7 @@ def _check_inputs(model, data, config) -> None:
                          f"{type(data).__name__}")  # fmt: skip
     if len(data) == 0 or int(count_targets(data.input_ids, data.attention_mask, data.labels)) == 0:
         raise ValueError("data has no next-token targets to train on")
-    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
-    if vocab is not None and int(data.input_ids.max()) >= vocab:
-        raise ValueError(f"data holds token id {int(data.input_ids.max())}, outside the model's vocabulary of {vocab}")
+    check_token_ids("data", data.input_ids, model)
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"model must be a transformers PreTrainedModel (it is saved with save_pretrained), got "
                          f"{type(model).__name__}")  # fmt: skip

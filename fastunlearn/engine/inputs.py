@@ -13,7 +13,7 @@ from torch import nn
 from fastunlearn.data.labels import count_targets
 from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine.config import UnlearnConfig
-from fastunlearn.lora.fila import check_token_ids
+from fastunlearn.utils.validate import check_token_ids
 
 
 def set_name(task: int, n_tasks: int) -> str:
@@ -169,9 +169,11 @@ def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet 
     sets += [(f"utility set {name}", seqs) for name, seqs in (utility or {}).items()]
     for name, seqs in [*sets, ("retain set", retain), ("held-out set", heldout)]:
         if seqs is not None:
-            check_token_ids(model, seqs.input_ids, name)
-            if seqs.labels is not None:  # -100 (not scored) or a token id
-                check_token_ids(model, seqs.labels[seqs.labels != -100], f"{name} labels")
+            if seqs.input_ids.numel():
+                check_token_ids(name, seqs.input_ids, model)
+            scored = None if seqs.labels is None else seqs.labels[seqs.labels != -100]  # -100: not scored
+            if scored is not None and scored.numel():
+                check_token_ids(f"{name} labels", scored, model)
 
 
 def batch(seqs: SequenceSet) -> dict[str, torch.Tensor]:

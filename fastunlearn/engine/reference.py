@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fastunlearn.data.text import SequenceSet, iterate_batches
 from fastunlearn.engine.config import UnlearnConfig
+from fastunlearn.evals.metrics.common import inference
 from fastunlearn.fused_lm import fused_causal_lm_logprob
 from fastunlearn.lora.layer import adapters_disabled
 from fastunlearn.losses import token_logprobs
@@ -30,22 +31,16 @@ def sequence_logprobs(model: nn.Module, seqs: SequenceSet, batch_size: int = 32,
     next-token targets (padding excluded; only the labelled ones, the answer, when ``seqs`` has labels), by
     ``model`` in eval mode with its LoRA adapters disabled, without gradients. ``fused``: from the last hidden
     states (:func:`fastunlearn.fused_lm.fused_causal_lm_logprob`), as a fused NPO run computes log pi_theta."""
-    device = next(model.parameters()).device
-    was_training = model.training
     values = []
-    model.eval()
-    try:
-        with torch.no_grad(), adapters_disabled(model):
-            for batch in iterate_batches(seqs, batch_size):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if fused:
-                    token_logp = fused_causal_lm_logprob(model, batch["input_ids"], batch["attention_mask"],
-                                                         labels=batch.get("labels"))  # fmt: skip
-                else:
-                    token_logp = token_logprobs(model, batch)[0]
-                values.append(token_logp.sum(-1).cpu())  # (B, T - 1) -> (B,): ignored targets hold exactly 0
-    finally:
-        model.train(was_training)
+    with inference(model) as device, adapters_disabled(model):
+        for batch in iterate_batches(seqs, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if fused:
+                token_logp = fused_causal_lm_logprob(model, batch["input_ids"], batch["attention_mask"],
+                                                     labels=batch.get("labels"))  # fmt: skip
+            else:
+                token_logp = token_logprobs(model, batch)[0]
+            values.append(token_logp.sum(-1).cpu())  # (B, T - 1) -> (B,): ignored targets hold exactly 0
     return torch.cat(values)
 
 

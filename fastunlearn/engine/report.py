@@ -114,7 +114,8 @@ def _met(value: bool | None) -> str:
 
 
 def hook_names(log: dict) -> list[str]:
-    """The names of the ``on_epoch`` hook's values, in order of first appearance (before, then each epoch)."""
+    """The names of the evaluation hook's values (``evaluate_each_epoch``, logged under "on_epoch"), in order of first
+    appearance (before, then each epoch)."""
     records = [log["baseline"], *(e for task in log["tasks"] for e in task["epochs"])]
     return list(dict.fromkeys(name for r in records for name in r.get("on_epoch") or {}))
 
@@ -224,7 +225,7 @@ def write_report(path: Path, log: dict) -> None:
 
 
 def _plot_hooks(ax, x: list[int], values: dict[str, list[float | None]]) -> None:
-    """The ``on_epoch`` values per epoch (None: a gap), on a log scale when they are positive and span > 100x."""
+    """The evaluation hook's values per epoch (None: a gap), on a log scale when they are positive and span > 100x."""
     measured = [v for ys in values.values() for v in ys if v is not None]
     for name, ys in values.items():
         ax.plot(x, [math.nan if v is None else v for v in ys], "o-", label=name)

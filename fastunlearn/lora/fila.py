@@ -106,25 +106,14 @@ def _lowrank_input(W: Tensor) -> Tensor:
     return W.detach().float() if W.dtype == torch.float64 else W.detach()
 
 
-def check_token_ids(model: nn.Module, data: object, name: str) -> None:
-    """ValueError naming ``name`` if ``data`` (input_ids (N, T), a dict with "input_ids", or a list / tuple of
-    these) holds a token id that is negative or >= the rows of ``model``'s input embeddings (a tokenizer that
-    does not match the model), instead of an IndexError deep in the forward. Other iterables are read once by
-    their consumer, so they are not inspected here; a model without ``get_input_embeddings`` is not checked."""
-    try:
-        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    except (AttributeError, NotImplementedError):
-        return
+def _check_data_ids(name: str, data: object, model: nn.Module) -> None:
+    """:func:`fastunlearn.utils.validate.check_token_ids` on the input_ids ``data`` holds (input_ids (N, T), a dict
+    with "input_ids", or a list / tuple of these; empty or float ones are left to the Fisher). Other iterables are
+    read once by their consumer, so they are not inspected here."""
     for batch in data if isinstance(data, (list, tuple)) else [data]:
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
-        if rows is None or not isinstance(ids, Tensor) or ids.numel() == 0 or ids.is_floating_point():
-            continue
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= rows:
-            raise ValueError(
-                f"{name} has token id {low if low < 0 else high}, but the model's input embeddings have {rows} rows "
-                f"(ids 0 to {rows - 1}): were the ids made by this model's tokenizer?"
-            )
+        if isinstance(ids, Tensor) and ids.numel() and not ids.is_floating_point():
+            validate.check_token_ids(name, ids, model)
 
 
 def fila_init(
@@ -143,8 +132,8 @@ def fila_init(
     the adapters are left trainable.
     """
     cfg = FilaConfig(**{**(config.__dict__ if config else {}), **overrides})
-    check_token_ids(model, forget_data, "forget_data")
-    check_token_ids(model, retain_data, "retain_data")
+    _check_data_ids("forget_data", forget_data, model)
+    _check_data_ids("retain_data", retain_data, model)
     modules = find_targets(model, targets)
     names = list(modules)
     fisher_kw = {"mode": cfg.fisher_mode, "batch_size": cfg.batch_size}

@@ -4,6 +4,8 @@ Argument checks: ``is_int`` / ``is_number`` (predicates) and ``check_int``, ``ch
 ``check_bool``, ``check_choice`` (raise). A wrong type raises :class:`ArgumentTypeError`, both a TypeError and a
 ValueError; a wrong value raises ValueError.
 
+Token ids against a model: ``check_token_ids`` (every id one the model's input embeddings can look up).
+
 Tensor checks for the losses:
 
 Metadata checks (shape, dtype, device) are free and always run. Value checks (labels in range,
@@ -72,6 +74,41 @@ def check_bool(name: str, value: object) -> None:
 def check_choice(name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def token_id_limit(model: object) -> tuple[int, str] | None:
+    """(how many token ids ``model`` can look up, what says so): the rows of its input embeddings, else its config's
+    ``vocab_size``; None when it has neither."""
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):
+        rows = None
+    if is_int(rows):
+        return rows, f"the model's input embeddings have {rows} rows (its vocabulary)"
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return (vocab, f"the model's vocabulary (config.vocab_size) has {vocab} ids") if is_int(vocab) else None
+
+
+def check_token_ids(name: str, ids: object, model: object) -> torch.Tensor:
+    """``ids``: a non-empty integer tensor of token ids, each in [0, N) for the N ids ``model`` can look up
+    (:func:`token_id_limit`; not checked when the model says neither), else an error naming ``name``: TypeError
+    for a wrong type, ValueError for an empty tensor or an id out of range (a tokenizer that does not match the
+    model), instead of an IndexError deep in the forward. Returns the ids as int64 on the CPU."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
+    limit = token_id_limit(model)
+    low, high = int(ids.min()), int(ids.max())
+    if limit is not None and (low < 0 or high >= limit[0]):
+        rows, source = limit
+        raise ValueError(
+            f"{name} has token id {low if low < 0 else high}, outside [0, {rows}) (min {low}, max {high}): {source}; "
+            "were the ids made by this model's tokenizer?"
+        )
+    return ids.long().cpu()
 
 
 def check_float_tensor(name: str, t: object, min_dim: int = 1, *, float64: bool = False) -> None:

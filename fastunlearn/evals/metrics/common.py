@@ -1,4 +1,4 @@
-"""What every metric shares: inference mode, progress bars, token-id checks."""
+"""What every metric shares: inference mode, progress bars, the (N, T) batch check."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastunlearn.utils import distributed as dist_utils
+from fastunlearn.utils.validate import check_token_ids
 
 
 @contextlib.contextmanager
@@ -27,21 +28,6 @@ def inference(model: nn.Module) -> Iterator[torch.device]:
 def progress(iterable, desc: str, **kwargs):
     """A progress bar on a terminal, shown by rank 0 only in a multi-process run."""
     return tqdm(iterable, desc=desc, leave=False, disable=None if dist_utils.current().is_main else True, **kwargs)
-
-
-def check_token_ids(name: str, ids, model: nn.Module) -> Tensor:
-    """A 1-D or 2-D integer tensor of ids in [0, vocab_size); returned as int64 on the CPU."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
-    vocab = model.config.vocab_size
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"{name} holds token ids outside [0, {vocab}) (the model's vocab_size): min {low}, max {high}")
-    return ids.long().cpu()
 
 
 def check_batch(model: nn.Module, input_ids, min_tokens: int) -> Tensor:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.data.labels import next_token_targets
-from fastunlearn.evals.metrics.common import check_token_ids, inference, progress
-from fastunlearn.utils.validate import check_int
+from fastunlearn.evals.metrics.common import inference, progress
+from fastunlearn.utils.validate import check_int, check_token_ids
 
 
 def _as_sequences(model: nn.Module, sequences) -> list[Tensor]:

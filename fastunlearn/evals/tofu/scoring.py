@@ -28,6 +28,7 @@ from torch import nn
 from fastunlearn.data.labels import next_token_targets
 from fastunlearn.data.qa import IGNORE_INDEX, encode_qa, resolve_template
 from fastunlearn.data.text import special_id
+from fastunlearn.evals.metrics.common import inference
 from fastunlearn.utils.optional import missing
 from fastunlearn.utils.validate import check_int
 
@@ -48,10 +49,6 @@ def batches_for(n_rows: int, batch_size: int) -> int:
     return -(-n_rows // batch_size)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (the LM head then skips the prompt positions)."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -60,38 +57,33 @@ def _keeps_logits(model: nn.Module) -> bool:
 def _nll_rows(model: nn.Module, rows: list[tuple[list, int]], pad: int, batch_size: int, tick: Tick) -> np.ndarray:
     """(len(rows),) float64 mean NLL of each row's tokens after its prompt; length-sorted, right-padded batches."""
     check_int("batch_size", batch_size, 1)
-    device, keep = _device(model), _keeps_logits(model)
+    keep = _keeps_logits(model)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = np.empty(len(rows), dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(order), batch_size):
-                chunk = order[lo : lo + batch_size]
-                width = len(rows[chunk[0]][0])  # the longest row of the chunk (sorted)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
-                mask = torch.zeros_like(ids)
-                labels = torch.full_like(ids, IGNORE_INDEX)
-                for r, i in enumerate(chunk):
-                    tokens, n_prompt = rows[i]
-                    ids[r, : len(tokens)] = torch.tensor(tokens)
-                    mask[r, : len(tokens)] = 1
-                    labels[r, n_prompt : len(tokens)] = ids[r, n_prompt : len(tokens)]
-                targets = next_token_targets(ids, mask, labels)  # (B, T - 1)
-                start = max(min(rows[i][1] for i in chunk) - 1, 0)  # first position predicting an answer token
-                kwargs = {"logits_to_keep": width - start} if keep else {}
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-                logits = logits[:, -(width - start) : -1]  # (B, T - 1 - start, V): positions start .. T - 2
-                targets = targets[:, start:].to(device)  # (B, T - 1 - start)
-                nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                      reduction="none").double()  # fmt: skip
-                counts = (targets != IGNORE_INDEX).sum(1)  # (B,)
-                out[chunk] = (nll.sum(1) / counts).cpu().numpy()
-                if tick is not None:
-                    tick()
-    finally:
-        model.train(was_training)
+    with inference(model) as device:
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            width = len(rows[chunk[0]][0])  # the longest row of the chunk (sorted)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            for r, i in enumerate(chunk):
+                tokens, n_prompt = rows[i]
+                ids[r, : len(tokens)] = torch.tensor(tokens)
+                mask[r, : len(tokens)] = 1
+                labels[r, n_prompt : len(tokens)] = ids[r, n_prompt : len(tokens)]
+            targets = next_token_targets(ids, mask, labels)  # (B, T - 1)
+            start = max(min(rows[i][1] for i in chunk) - 1, 0)  # first position predicting an answer token
+            kwargs = {"logits_to_keep": width - start} if keep else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+            logits = logits[:, -(width - start) : -1]  # (B, T - 1 - start, V): positions start .. T - 2
+            targets = targets[:, start:].to(device)  # (B, T - 1 - start)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                  reduction="none").double()  # fmt: skip
+            counts = (targets != IGNORE_INDEX).sum(1)  # (B,)
+            out[chunk] = (nll.sum(1) / counts).cpu().numpy()
+            if tick is not None:
+                tick()
     return out
 
 
@@ -160,30 +152,24 @@ def greedy_answers(
     pad = special_id(tokenizer, ("pad_token_id", "eos_token_id"), "TOFU", "padding")
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                               eos_token_id=eos)  # fmt: skip
-    device = _device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(order), batch_size):
-                chunk = order[lo : lo + batch_size]
-                width = len(prompts[chunk[0]])
-                ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
-                mask = torch.zeros_like(ids)
-                for r, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                    ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                    mask[r, width - len(prompts[i]) :] = 1
-                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                           generation_config=config)  # fmt: skip
-                texts = tokenizer.batch_decode(generated[:, width:].cpu(), skip_special_tokens=True)
-                for i, text in zip(chunk, texts):
-                    out[i] = text.strip()
-                if tick is not None:
-                    tick()
-    finally:
-        model.train(was_training)
+    with inference(model) as device:
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            width = len(prompts[chunk[0]])
+            ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]) :] = 1
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       generation_config=config)  # fmt: skip
+            texts = tokenizer.batch_decode(generated[:, width:].cpu(), skip_special_tokens=True)
+            for i, text in zip(chunk, texts):
+                out[i] = text.strip()
+            if tick is not None:
+                tick()
     return out
 
 
