@@ -14,10 +14,12 @@ quantizers (see ``fastunlearn.ops.quant_k``), NF4 is bitsandbytes' without doubl
 ``fastunlearn.ops.quant_legacy``). All quantization math is float32, as in llama.cpp; bf16 / fp16 weights are
 upcast exactly, and round-tripped values are rounded to the weight's dtype at the end.
 
-Memory: a weight is processed ``chunk_elements`` weights at a time (default ``CHUNK_ELEMENTS``, 2**20), so
-beyond the output the work holds one chunk's float32 copy and temporaries: at most ``EXTRA_BYTES_PER_ELEMENT``
-(48) bytes per chunk element for every format (benchmarks/bench_quant.py measures it), about 50 MB at the
-default, whatever the model's size. A weight must have a last dimension that is a multiple of the block size
+Memory: a weight is processed ``chunk_elements`` weights at a time (default ``CHUNK_ELEMENTS``: 2**16 on the CPU,
+where the chunk's temporaries then stay in cache, 2**22 on a GPU, where fewer, larger kernels run faster), so beyond
+the output the work holds one chunk's float32 copy and temporaries: at most ``extra_bytes_bound(fmt, chunk)``, i.e.
+``EXTRA_BYTES_PER_ELEMENT`` (32 bytes; 128 for the K-quants, whose search keeps a dozen chunk-sized tensors) per
+chunk element plus 4 MB, whatever the model's size: 6 MB / 12 MB at the CPU default, 132 MB / 516 MB on a GPU
+(benchmarks/bench_quant.py measures it). A weight must have a last dimension that is a multiple of the block size
 (the format's rows are its rows); a non-contiguous weight is copied once. Non-finite weights are refused
 (ValueError) before anything is computed.
 """
@@ -36,12 +38,14 @@ from tqdm.auto import tqdm
 from fastunlearn.ops import quant_k as kq
 from fastunlearn.ops import quant_legacy as lq
 
-CHUNK_ELEMENTS = 1 << 20
-EXTRA_BYTES_PER_ELEMENT = 48  # the bound on extra memory per chunk element; benchmarks/bench_quant.py checks it
+CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 22}  # by device type (others: the CPU's)
+EXTRA_BYTES_PER_ELEMENT = {"q4_k": 128, "q6_k": 128}  # extra memory per chunk element; others: 32
+EXTRA_BYTES_SLACK = 4 << 20  # allocator and page granularity, on top
 
 
 class Format(NamedTuple):
-    """One storage format: ``block`` weights are stored in ``size`` bytes; ``ggml_type`` is its GGUF type id."""
+    """One storage format: ``block`` weights are stored in ``size`` bytes; ``ggml_type`` is its GGUF type id.
+    encode / decode: float32 blocks (B, block) <-> bytes (B, size); values: decode(encode(x)) (None: composed)."""
 
     name: str
     block: int
@@ -49,19 +53,20 @@ class Format(NamedTuple):
     ggml_type: int | None
     encode: Callable[[Tensor], Tensor]
     decode: Callable[[Tensor], Tensor]
+    values: Callable[[Tensor], Tensor] | None = None
 
 
 # ggml type ids: enum ggml_type in ggml.h (F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12,
 # Q6_K 14, BF16 30)
 _SPECS = (
-    Format("q8_0", 32, 34, 8, lq.encode_q8_0, lq.decode_q8_0),
-    Format("q4_0", 32, 18, 2, lq.encode_q4_0, lq.decode_q4_0),
-    Format("q4_1", 32, 20, 3, lq.encode_q4_1, lq.decode_q4_1),
-    Format("q5_0", 32, 22, 6, lq.encode_q5_0, lq.decode_q5_0),
-    Format("q5_1", 32, 24, 7, lq.encode_q5_1, lq.decode_q5_1),
+    Format("q8_0", 32, 34, 8, lq.encode_q8_0, lq.decode_q8_0, lq.values_q8_0),
+    Format("q4_0", 32, 18, 2, lq.encode_q4_0, lq.decode_q4_0, lq.values_q4_0),
+    Format("q4_1", 32, 20, 3, lq.encode_q4_1, lq.decode_q4_1, lq.values_q4_1),
+    Format("q5_0", 32, 22, 6, lq.encode_q5_0, lq.decode_q5_0, lq.values_q5_0),
+    Format("q5_1", 32, 24, 7, lq.encode_q5_1, lq.decode_q5_1, lq.values_q5_1),
     Format("q4_k", 256, 144, 12, kq.encode_q4_k, kq.decode_q4_k),
     Format("q6_k", 256, 210, 14, kq.encode_q6_k, kq.decode_q6_k),
-    Format("nf4", 64, 36, None, lq.encode_nf4, lq.decode_nf4),
+    Format("nf4", 64, 36, None, lq.encode_nf4, lq.decode_nf4, lq.values_nf4),
     Format("f32", 1, 4, 0, *lq.float_codec(torch.float32)),
     Format("f16", 1, 2, 1, *lq.float_codec(torch.float16)),
     Format("bf16", 1, 2, 30, *lq.float_codec(torch.bfloat16)),
@@ -110,7 +115,17 @@ def _check_weight(weight: object, spec: Format, name: str) -> None:
         )
 
 
-def _check_finite(x: Tensor, name: str, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+def default_chunk(device: torch.device | str) -> int:
+    """CHUNK_ELEMENTS for the device's type."""
+    return CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS["cpu"])
+
+
+def extra_bytes_bound(fmt: str, chunk_elements: int) -> int:
+    """The most memory a round trip in ``fmt`` holds beyond its input and output, chunk of ``chunk_elements``."""
+    return EXTRA_BYTES_PER_ELEMENT.get(spec_of(fmt).name, 32) * chunk_elements + EXTRA_BYTES_SLACK
+
+
+def _check_finite(x: Tensor, name: str, chunk_elements: int) -> None:
     """ValueError naming ``name`` if x holds NaN or +-inf (checked a chunk at a time)."""
     flat = x.detach().reshape(-1)
     for start in range(0, flat.numel(), chunk_elements):
@@ -118,9 +133,13 @@ def _check_finite(x: Tensor, name: str, chunk_elements: int = CHUNK_ELEMENTS) ->
             raise ValueError(f"{name} has non-finite values (NaN or +-inf): they have no quantized form")
 
 
-def _check_chunk(chunk_elements: object) -> None:
+def _chunk(chunk_elements: object, device: torch.device) -> int:
+    """chunk_elements checked, or the device's default for None."""
+    if chunk_elements is None:
+        return default_chunk(device)
     if not isinstance(chunk_elements, int) or isinstance(chunk_elements, bool) or chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+        raise ValueError(f"chunk_elements must be a positive int or None, got {chunk_elements!r}")
+    return chunk_elements
 
 
 def _chunks(n_blocks: int, spec: Format, chunk_elements: int) -> Iterator[slice]:
@@ -129,32 +148,32 @@ def _chunks(n_blocks: int, spec: Format, chunk_elements: int) -> Iterator[slice]
         yield slice(start, min(start + step, n_blocks))
 
 
-def quantize_blocks(weight: Tensor, fmt: str, *, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+def quantize_blocks(weight: Tensor, fmt: str, *, chunk_elements: int | None = None) -> Tensor:
     """``weight`` (..., k) in ``fmt``'s bytes: uint8 (..., k / block * bytes per block) on weight's device, each
     row its blocks in order (the data of a GGUF tensor of that type, HF shape (out, in) = ggml's ne reversed)."""
     spec = spec_of(fmt)
     _check_weight(weight, spec, "weight")
-    _check_chunk(chunk_elements)
+    chunk_elements = _chunk(chunk_elements, weight.device)
     blocks = weight.reshape(-1, spec.block)
     out = torch.empty(blocks.shape[0], spec.size, dtype=torch.uint8, device=weight.device)
     for part in _chunks(blocks.shape[0], spec, chunk_elements):
         x = blocks[part].float()
-        _check_finite(x, "weight")
+        _check_finite(x, "weight", chunk_elements)
         out[part] = spec.encode(x)
     return out.reshape(*weight.shape[:-1], weight.shape[-1] // spec.block * spec.size)
 
 
 def dequantize_blocks(
     raw: Tensor, fmt: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32,
-    *, chunk_elements: int = CHUNK_ELEMENTS,
+    *, chunk_elements: int | None = None,
 ) -> Tensor:  # fmt: skip
     """The values of ``fmt``'s bytes ``raw`` (uint8, any shape holding the whole tensor) as a ``shape`` tensor of
     ``dtype`` (computed in float32, then rounded to dtype)."""
     spec = spec_of(fmt)
-    _check_chunk(chunk_elements)
     shape = tuple(shape)
     if not isinstance(raw, Tensor) or raw.dtype != torch.uint8:
         raise TypeError(f"raw must be a torch.uint8 tensor, got {getattr(raw, 'dtype', type(raw).__name__)}")
+    chunk_elements = _chunk(chunk_elements, raw.device)
     if not shape or shape[-1] % spec.block:
         raise ValueError(f"shape {shape}: its last dimension must be a multiple of {spec.name}'s block {spec.block}")
     n_blocks = torch.Size(shape).numel() // spec.block
@@ -170,15 +189,16 @@ def dequantize_blocks(
 def _roundtrip_into(source: Tensor, target: Tensor, spec: Format, chunk_elements: int) -> None:
     """target[i] = dequantize(quantize(source[i])) chunk by chunk; target may be source itself."""
     blocks, out = source.reshape(-1, spec.block), target.view(-1, spec.block)
+    values = spec.values or (lambda x: spec.decode(spec.encode(x)))
     for part in _chunks(blocks.shape[0], spec, chunk_elements):
-        out[part] = spec.decode(spec.encode(blocks[part].float()))
+        out[part] = values(blocks[part].float())
 
 
-def roundtrip(weight: Tensor, fmt: str, *, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+def roundtrip(weight: Tensor, fmt: str, *, chunk_elements: int | None = None) -> Tensor:
     """dequantize(quantize(weight)) in ``fmt``: a new tensor of weight's shape, dtype and device."""
     spec = spec_of(fmt)
     _check_weight(weight, spec, "weight")
-    _check_chunk(chunk_elements)
+    chunk_elements = _chunk(chunk_elements, weight.device)
     _check_finite(weight, "weight", chunk_elements)
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     _roundtrip_into(weight, out, spec, chunk_elements)
@@ -222,7 +242,7 @@ class RoundTrip:
 def roundtrip_model(
     model: torch.nn.Module, fmt: str | Mapping[str, str], *,
     include: Callable[[str, Tensor], bool] | None = None, backup: bool = True, fallback: bool = True,
-    progress: bool = True, chunk_elements: int = CHUNK_ELEMENTS,
+    progress: bool = True, chunk_elements: int | None = None,
 ) -> RoundTrip:  # fmt: skip
     """Round-trip ``model``'s weight matrices through ``fmt``, IN PLACE, and return a RoundTrip handle.
 
@@ -238,7 +258,7 @@ def roundtrip_model(
     error stops it halfway; ``backup=False`` keeps nothing (the caller owns a copy of the model).
     ``progress`` shows a bar over the weights with an ETA.
     """
-    _check_chunk(chunk_elements)
+    _chunk(chunk_elements, "cpu")
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name, done once
     chosen = include or is_weight_matrix
     if isinstance(fmt, Mapping):
@@ -256,7 +276,7 @@ def roundtrip_model(
         seen.add(param.data_ptr())
         applied = llama_cpp_format(param.shape, f) if fallback else f
         _check_weight(param, spec_of(applied), f"parameter {name!r}")
-        _check_finite(param, f"parameter {name!r}", chunk_elements)
+        _check_finite(param, f"parameter {name!r}", _chunk(chunk_elements, param.device))
         formats[name] = applied
     handle = RoundTrip(formats, {n: params[n] for n in formats}, {} if backup else None)
     total = sum(params[n].numel() for n in formats)
@@ -268,7 +288,7 @@ def roundtrip_model(
                 if backup:
                     handle._backup[name] = param.detach().to("cpu", copy=True)
                 if param.is_contiguous():
-                    _roundtrip_into(param.data, param.data, SPECS[applied], chunk_elements)
+                    _roundtrip_into(param.data, param.data, SPECS[applied], _chunk(chunk_elements, param.device))
                 else:
                     param.data.copy_(roundtrip(param.data, applied, chunk_elements=chunk_elements))
                 bar.update(param.numel())

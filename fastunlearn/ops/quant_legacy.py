@@ -1,16 +1,16 @@
 """Block codecs of llama.cpp's 32-weight formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: its "legacy" quants), of NF4, of
 the float formats a GGUF file holds (F32, F16, BF16), and the rounding / bit helpers the K-quants share.
 
-A codec is a pair of functions on float32 blocks: ``encode(x (B, block)) -> uint8 (B, bytes)`` writes ggml's byte
-layout (``block_q4_1`` etc. in ggml-common.h, little-endian) and ``decode(raw (B, bytes)) -> float32 (B, block)``
-reads it. Both are plain ATen ops, so they run on any device. The arithmetic repeats llama.cpp's reference
-quantizers (``quantize_row_*_ref`` in ggml-quants.c) and gguf-py's ``gguf.quants`` operation by operation in
-float32: the same scale ``d = max / -8`` (Q4_0), ``(max - min) / 15`` (Q4_1), ``amax / 127`` (Q8_0), the same
-reciprocal ``id = 1 / d`` (0 where d is 0), the same rounding (truncation of ``x * id + 8.5`` for Q4_0, C's
-``roundf``, i.e. half away from zero, for Q8_0), and the float32 product / sum order of the dequantizers, so bytes
-and values equal gguf-py's bit for bit. Non-finite intermediate values (a block whose ``1 / d`` overflows, e.g.
-``amax`` below 4e-37, where the stored fp16 scale is 0 anyway) are quantized to 0, as gguf-py does on x86; C
-leaves that cast undefined.
+A codec is three functions on float32 blocks: ``encode(x (B, block)) -> uint8 (B, bytes)`` writes ggml's byte layout
+(``block_q4_1`` etc. in ggml-common.h, little-endian), ``decode(raw (B, bytes)) -> float32 (B, block)`` reads it,
+and ``values(x)`` gives decode(encode(x)) without packing bytes (the round trip's fast path). All are plain ATen
+ops, so they run on any device. The arithmetic repeats llama.cpp's reference quantizers (``quantize_row_*_ref`` in
+ggml-quants.c) and gguf-py's ``gguf.quants`` operation by operation in float32: the same scale ``d = max / -8``
+(Q4_0), ``(max - min) / 15`` (Q4_1), ``amax / 127`` (Q8_0), the same reciprocal ``id = 1 / d`` (0 where d is 0), the
+same rounding (truncation of ``x * id + 8.5`` for Q4_0, C's ``roundf``, i.e. half away from zero, for Q8_0), and the
+float32 product / sum order of the dequantizers, so bytes and values equal gguf-py's bit for bit. Non-finite
+intermediate values (a block whose ``1 / d`` overflows, e.g. ``amax`` below 4e-37, where the stored fp16 scale is 0
+anyway) are quantized to 0, as gguf-py does on x86; C leaves that cast undefined.
 
 NF4 (bitsandbytes' 4-bit NormalFloat, Dettmers et al. 2023): blocks of 64, ``absmax`` per block kept in float32
 (no double quantization), each weight replaced by the nearest of the 16 NF4 levels times absmax. The level index
@@ -57,9 +57,9 @@ def round_half_away(x: Tensor) -> Tensor:
     return torch.copysign(whole + (2 * (a - whole)).floor(), x)
 
 
-def to_int(q: Tensor) -> Tensor:
-    """Integer-valued float32 -> int32, with NaN and +-inf read as 0 (see the module docstring)."""
-    return torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0).to(torch.int32)
+def finite_or_zero(q: Tensor) -> Tensor:
+    """NaN and +-inf read as 0 (see the module docstring)."""
+    return torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def div(a: Tensor | float, b: Tensor | float) -> Tensor:
@@ -80,6 +80,11 @@ def inverse(d: Tensor) -> Tensor:
 def f16_bytes(x: Tensor) -> Tensor:
     """float32 (B, 1) or (B,) -> (B, 2) uint8: ggml's ``GGML_FP32_TO_FP16`` (round to nearest even)."""
     return x.reshape(-1, 1).to(torch.float16).view(torch.uint8)
+
+
+def as_f16(x: Tensor) -> Tensor:
+    """float32 -> the float32 value of its fp16 rounding (what f16_at reads back from f16_bytes)."""
+    return x.to(torch.float16).float()
 
 
 def f16_at(raw: Tensor, start: int) -> Tensor:
@@ -118,15 +123,26 @@ def unpack_halves(raw: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------------
 # Q8_0: d (fp16), 32 x int8.  w = d * q,  d = amax / 127,  q = roundf(w / d)
+# Each format: its levels (float32, integer-valued), encode (bytes), decode (values of bytes) and values (the
+# values decode(encode(x)) gives, without the bytes: the round trip's fast path, the same float32 operations)
 # ---------------------------------------------------------------------------------------------------------
-def encode_q8_0(x: Tensor) -> Tensor:
+def _q8_0(x: Tensor) -> tuple[Tensor, Tensor]:
     d = div(x.abs().amax(-1, keepdim=True), 127.0)
-    q = to_int(round_half_away(x * inverse(d)))
+    return d, finite_or_zero(round_half_away(x * inverse(d))) + 0.0  # + 0.0: the int8 path has no -0
+
+
+def encode_q8_0(x: Tensor) -> Tensor:
+    d, q = _q8_0(x)
     return torch.cat([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
 
 
 def decode_q8_0(raw: Tensor) -> Tensor:
     return raw[:, 2:].view(torch.int8).float() * f16_at(raw, 0)
+
+
+def values_q8_0(x: Tensor) -> Tensor:
+    d, q = _q8_0(x)
+    return q * as_f16(d)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,27 +152,37 @@ def decode_q8_0(raw: Tensor) -> Tensor:
 def _symmetric(x: Tensor, half: int) -> tuple[Tensor, Tensor]:
     signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True))
     d = div(signed_max, -float(half))
-    q = to_int((x * inverse(d) + (half + 0.5)).trunc()).clamp(0, 2 * half - 1)
-    return d, q
+    return d, finite_or_zero((x * inverse(d) + (half + 0.5)).trunc()).clamp(0, 2 * half - 1)
 
 
 def encode_q4_0(x: Tensor) -> Tensor:
     d, q = _symmetric(x, 8)
-    return torch.cat([f16_bytes(d), pack_halves(q)], dim=-1)
+    return torch.cat([f16_bytes(d), pack_halves(q.to(torch.int32))], dim=-1)
 
 
 def decode_q4_0(raw: Tensor) -> Tensor:
     return f16_at(raw, 0) * (unpack_halves(raw[:, 2:]) - 8).float()
 
 
+def values_q4_0(x: Tensor) -> Tensor:
+    d, q = _symmetric(x, 8)
+    return as_f16(d) * (q - 8)
+
+
 def encode_q5_0(x: Tensor) -> Tensor:
     d, q = _symmetric(x, 16)
+    q = q.to(torch.int32)
     return torch.cat([f16_bytes(d), pack_bits(q >> 4), pack_halves(q & 0xF)], dim=-1)
 
 
 def decode_q5_0(raw: Tensor) -> Tensor:
     q = unpack_halves(raw[:, 6:]) | (unpack_bits(raw[:, 2:6]) << 4)
     return f16_at(raw, 0) * (q - 16).float()
+
+
+def values_q5_0(x: Tensor) -> Tensor:
+    d, q = _symmetric(x, 16)
+    return as_f16(d) * (q - 16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,21 +192,26 @@ def decode_q5_0(raw: Tensor) -> Tensor:
 def _affine(x: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
     low = x.amin(-1, keepdim=True)
     d = div(x.amax(-1, keepdim=True) - low, float(top))
-    q = to_int(((x - low) * inverse(d) + 0.5).trunc()).clamp(0, top)
-    return d, low, q
+    return d, low, finite_or_zero(((x - low) * inverse(d) + 0.5).trunc()).clamp(0, top)
 
 
 def encode_q4_1(x: Tensor) -> Tensor:
     d, low, q = _affine(x, 15)
-    return torch.cat([f16_bytes(d), f16_bytes(low), pack_halves(q)], dim=-1)
+    return torch.cat([f16_bytes(d), f16_bytes(low), pack_halves(q.to(torch.int32))], dim=-1)
 
 
 def decode_q4_1(raw: Tensor) -> Tensor:
     return f16_at(raw, 0) * unpack_halves(raw[:, 4:]).float() + f16_at(raw, 2)
 
 
+def values_q4_1(x: Tensor) -> Tensor:
+    d, low, q = _affine(x, 15)
+    return as_f16(d) * q + as_f16(low)
+
+
 def encode_q5_1(x: Tensor) -> Tensor:
     d, low, q = _affine(x, 31)
+    q = q.to(torch.int32)
     return torch.cat([f16_bytes(d), f16_bytes(low), pack_bits(q >> 4), pack_halves(q & 0xF)], dim=-1)
 
 
@@ -189,30 +220,46 @@ def decode_q5_1(raw: Tensor) -> Tensor:
     return f16_at(raw, 0) * q.float() + f16_at(raw, 2)
 
 
+def values_q5_1(x: Tensor) -> Tensor:
+    d, low, q = _affine(x, 31)
+    return as_f16(d) * q + as_f16(low)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # NF4: absmax (float32), 32 bytes (first of each pair in the high nibble).  w = level[q] * absmax
 # ---------------------------------------------------------------------------------------------------------
-def encode_nf4(x: Tensor) -> Tensor:
+def _nf4(x: Tensor) -> tuple[Tensor, Tensor]:
     absmax = x.abs().amax(-1, keepdim=True)
     scaled = torch.where(absmax == 0, 0.0, x / absmax)
     midpoints = torch.tensor(NF4_MIDPOINTS, dtype=torch.float32, device=x.device)
-    q = torch.bucketize(scaled, midpoints, out_int32=True)  # the number of midpoints < scaled
+    return absmax, torch.bucketize(scaled, midpoints, out_int32=True)  # the number of midpoints < scaled
+
+
+def encode_nf4(x: Tensor) -> Tensor:
+    absmax, q = _nf4(x)
     return torch.cat([absmax.view(torch.uint8), bytes_of((q[:, 0::2] << 4) | q[:, 1::2])], dim=-1)
 
 
+def _nf4_values(q: Tensor, absmax: Tensor) -> Tensor:
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.device)[q] * absmax
+
+
 def decode_nf4(raw: Tensor) -> Tensor:
-    absmax = raw[:, :4].contiguous().view(torch.float32)
     packed = raw[:, 4:].to(torch.int32)
     q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(raw.shape[0], -1)
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=raw.device)
-    return levels[q] * absmax
+    return _nf4_values(q, raw[:, :4].contiguous().view(torch.float32))
+
+
+def values_nf4(x: Tensor) -> Tensor:
+    absmax, q = _nf4(x)
+    return _nf4_values(q, absmax)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Float formats (blocks of one weight): round to nearest even, as gguf-py's F16 / BF16 writers
 # ---------------------------------------------------------------------------------------------------------
 def float_codec(dtype: torch.dtype):
-    """(encode, decode) that store each weight as ``dtype``."""
+    """(encode, decode, values) that store each weight as ``dtype``."""
 
     def encode(x: Tensor) -> Tensor:
         return x.to(dtype).view(torch.uint8)
@@ -220,4 +267,7 @@ def float_codec(dtype: torch.dtype):
     def decode(raw: Tensor) -> Tensor:
         return raw.contiguous().view(dtype).float()
 
-    return encode, decode
+    def values(x: Tensor) -> Tensor:
+        return x.to(dtype).float()
+
+    return encode, decode, values
