@@ -246,12 +246,12 @@ def roundtrip_model(
 ) -> RoundTrip:  # fmt: skip
     """Round-trip ``model``'s weight matrices through ``fmt``, IN PLACE, and return a RoundTrip handle.
 
-    ``fmt``: one format for every selected parameter, or a mapping parameter name -> format (e.g. the formats a
-    GGUF file stores each tensor in: ``fastunlearn.gguf_io.formats_like``); a mapping names the parameters,
-    ``include`` then only filters them. ``include(name, param)``: which parameters (default
-    ``is_weight_matrix``). Tied parameters are round-tripped once. ``fallback``: a K-quant on a tensor whose
-    rows are not a multiple of 256 takes llama-quantize's substitute (``llama_cpp_format``); without it such a
-    tensor is a ValueError. Every check (names, shapes, finite values) runs before any weight changes.
+    ``fmt``: one format for every selected parameter, or a mapping parameter name -> format (e.g. the formats a GGUF
+    file stores each tensor in: ``fastunlearn.gguf_io.formats_like``, 1-D norms included). ``include(name, param)``:
+    which parameters; by default ``is_weight_matrix`` for one format, every parameter a mapping names. Tied
+    parameters are round-tripped once. ``fallback``: a K-quant on a tensor whose rows are not a multiple of 256
+    takes llama-quantize's substitute (``llama_cpp_format``); without it such a tensor is a ValueError. Every check
+    (names, shapes, finite values) runs before any weight changes.
 
     ``backup=True`` keeps a copy of the selected originals on the CPU (their size in host memory) so that
     ``restore()``, or the end of ``with roundtrip_model(...):``, undoes the round trip exactly, also when an
@@ -260,13 +260,14 @@ def roundtrip_model(
     """
     _chunk(chunk_elements, "cpu")
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name, done once
-    chosen = include or is_weight_matrix
     if isinstance(fmt, Mapping):
+        chosen = include or (lambda name, param: True)
         unknown = sorted(set(fmt) - set(params))
         if unknown:
             raise ValueError(f"fmt names parameters the model does not have: {', '.join(unknown[:3])}")
         wanted = {name: f for name, f in fmt.items() if chosen(name, params[name])}
     else:
+        chosen = include or is_weight_matrix
         wanted = {name: fmt for name, p in params.items() if chosen(name, p)}
     formats, seen = {}, set()
     for name, f in wanted.items():

@@ -43,10 +43,12 @@ NF4_MIDPOINTS = tuple((a + b) / 2 for a, b in zip(NF4_LEVELS[:-1], NF4_LEVELS[1:
 # ---------------------------------------------------------------------------------------------------------
 def nearest_int(x: Tensor) -> Tensor:
     """llama.cpp's ``nearest_int``: round half to even through the float32 mantissa (int32 result). For |x| >=
-    2**22 (an assert in llama.cpp) it returns what the C trick returns, and NaN gives a fixed value, never UB.
+    2**22 (an assert in llama.cpp) it returns what the C trick returns; NaN (only in blocks whose scale overflows)
+    gives 0, what x86's default NaN gives in C, on every device (CUDA's NaN has other bits).
     A float64 ``x`` (the tests run the codecs in float64 against a float64 port) is rounded half to even."""
     if x.dtype == torch.float64:
         return torch.round(x).to(torch.int32)
+    x = torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
     return ((x + MAGIC).view(torch.int32) & 0x7FFFFF) - 0x400000
 
 

@@ -134,13 +134,13 @@ def test_chunking_and_leading_dimensions_do_not_change_the_result(fmt):
 
 
 @pytest.mark.parametrize("fmt", quant.FLOAT_FORMATS)
-def test_float_formats_are_rounding_casts(fmt):
-    x = torch.randn(4, 64) * 1e3
+def test_float_formats_are_rounding_casts_with_ggufs_bytes(fmt):
+    x = torch.cat([torch.randn(4, 64) * 1e3, hard_rows(64)["mixed"]])
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[fmt]
     assert same_bits(quant.roundtrip(x, fmt), x.to(dtype).float())
-    if fmt != "bf16":
-        assert np.array_equal(quant.quantize_blocks(x, fmt).numpy().view(dtype=np.dtype(fmt.replace("f", "float"))),
-                              gguf.quants.quantize(x.numpy(), getattr(T, fmt.upper())))  # fmt: skip
+    with np.errstate(all="ignore"):
+        expected = gguf.quants.quantize(x.numpy(), getattr(T, fmt.upper()))
+    assert np.array_equal(quant.quantize_blocks(x, fmt).numpy(), expected.view(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,8 +234,15 @@ def test_roundtrip_model_takes_per_parameter_formats_and_llama_cpps_k_quant_fall
     before = snapshot(model)
     formats = {"embed.weight": "q4_k", "proj.weight": "q6_k", "down.weight": "q4_k", "norm.weight": "q8_0"}
     handle = quant.roundtrip_model(model, formats, progress=False, backup=False)
-    # embed (50, 64): 64 % 256 -> q5_0 (llama-quantize's substitute); down (96, 256) fits; norm is 1-D: not chosen
-    assert handle.formats == {"embed.weight": "q5_0", "proj.weight": "q8_0", "down.weight": "q4_k"}
+    # embed (50, 64): 64 % 256 -> q5_0 (llama-quantize's substitute); down (96, 256) fits; a named 1-D norm too
+    assert handle.formats == {
+        "embed.weight": "q5_0",
+        "proj.weight": "q8_0",
+        "down.weight": "q4_k",
+        "norm.weight": "q8_0",
+    }
+    assert torch.equal(model.norm.weight, quant.roundtrip(before["norm.weight"], "q8_0"))
+    assert torch.equal(model.norm.bias, before["norm.bias"])
     assert torch.equal(model.proj.weight, quant.roundtrip(before["proj.weight"], "q8_0"))
     assert torch.equal(model.down.weight, quant.roundtrip(before["down.weight"], "q4_k"))
     with pytest.raises(RuntimeError, match="backup=False"):
@@ -270,3 +277,18 @@ def test_roundtrip_model_checks_everything_before_changing_anything_and_undoes_a
     with pytest.raises(KeyboardInterrupt):
         quant.roundtrip_model(model, "q8_0", progress=False)
     assert all(same_bits(p, before[n]) for n, p in snapshot(model).items())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", [*quant.FORMATS, *quant.FLOAT_FORMATS])
+def test_cuda_writes_the_cpus_bytes_and_values(fmt):
+    """Every operation is IEEE float32 on both devices (no reciprocal-multiply division, see quant_legacy.div)."""
+    rows = [t for t in hard_rows(512).values()] + [torch.randn(64, 512) * 0.02]
+    x = torch.cat(rows)
+    cpu = quant.quantize_blocks(x, fmt)
+    assert torch.equal(quant.quantize_blocks(x.cuda(), fmt).cpu(), cpu)
+    assert same_bits(quant.roundtrip(x.cuda(), fmt).cpu(), quant.roundtrip(x, fmt))
+    assert same_bits(
+        quant.dequantize_blocks(cpu.cuda(), fmt, x.shape).cpu(), quant.dequantize_blocks(cpu, fmt, x.shape)
+    )
