@@ -161,17 +161,20 @@ def test_written_file_reloads_as_the_changed_model_round_tripped_in_the_template
     assert gguf_io.is_own_gguf(out) and not gguf_io.is_own_gguf(template)
 
 
-def test_an_unchanged_model_writes_back_to_nearly_the_same_bytes(template, tmp_path):
-    """Re-quantizing dequantized weights in the same format mostly finds the same blocks again."""
+def test_an_unchanged_model_writes_back_to_the_same_bytes_up_to_the_k_quant_search(template, tmp_path):
+    """Re-quantizing dequantized weights finds the same blocks again in the 32-weight formats; the K-quants' scale
+    search, run again on values already on a grid, picks another scale in some blocks."""
     model, _ = load_model(template, device="cpu")
     out = gguf_io.write_gguf_like(model.state_dict(), template, tmp_path / "same.gguf", progress=False)
     before = {t.name: np.asarray(t.data).view(np.uint8) for t in gguf.GGUFReader(str(template)).tensors}
     for tensor in gguf.GGUFReader(str(out)).tensors:
         new = np.asarray(tensor.data).view(np.uint8)
-        assert new.shape == before[tensor.name].shape and tensor.name in TYPES or tensor.name.endswith("norm.weight")
-        assert (new == before[tensor.name]).mean() > 0.95, tensor.name
+        if tensor.tensor_type.name in ("Q4_K", "Q6_K"):
+            assert new.shape == before[tensor.name].shape and (new == before[tensor.name]).mean() > 0.9, tensor.name
+        else:
+            assert np.array_equal(new, before[tensor.name]), tensor.name
     again, _ = load_model(out, device="cpu")
-    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0.05)
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=2e-3)
 
 
 def test_only_its_own_output_is_replaced_and_nothing_partial_is_left(template, tmp_path, monkeypatch):
@@ -215,8 +218,11 @@ def test_a_model_that_does_not_fit_the_template_is_refused_before_writing(templa
     state = dict(model.state_dict(), **{"model.norm.weight": torch.ones(HIDDEN + 1)})
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \(257,\), template tensor"):
         gguf_io.write_gguf_like(state, template, out, progress=False)
-    with pytest.raises(ValueError, match="is not a GGUF file"):
-        gguf_io.write_gguf_like(model, tmp_path / "x.bin", out) if (tmp_path / "x.bin").write_bytes(b"nope") else None
+    (tmp_path / "x.bin").write_bytes(b"nope")
+    with pytest.raises(ValueError, match=r"template '.*x.bin' is not a GGUF file"):
+        gguf_io.write_gguf_like(model, tmp_path / "x.bin", out)
+    with pytest.raises(ValueError, match="is not a file"):
+        gguf_io.write_gguf_like(model, tmp_path / "absent.gguf", out)
     assert not out.exists()
 
 
