@@ -21,7 +21,7 @@ LAYERS = (
     ("data",),  # texts, QA pairs and the next-token target rule
     ("losses",),  # the unlearning objectives built from the ops
     ("lora",),  # LoRA layers, targets, the model's Fisher, FILA, export
-    ("models", "fused_lm"),  # loading a model; fused IHL / log-prob patched into Hugging Face models
+    ("models", "fused_lm", "gguf_io"),  # loading a model; fused IHL / log-prob patched into HF models; GGUF output
     ("evals",),  # TDEC metrics, TOFU, downstream tasks
     ("engine",),  # the unlearning and fine-tuning recipes
     ("integrations",),  # Hugging Face Trainer drop-ins, the public patch
