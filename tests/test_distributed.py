@@ -200,3 +200,11 @@ def test_npo_two_processes_matches_one(memorizer_dir, tmp_path):
     for key in keys:
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
     assert one["forget_loss"] == pytest.approx(2 / 0.5 * math.log(2), rel=1e-4)  # pi_theta ~ pi_ref (FILA)
+
+
+def test_batched_updates_two_processes_match_one(memorizer_dir, tmp_path):
+    """UnlearnConfig.batch_size under DDP: 2 updates an epoch, each update's 2 micro-batches split over the ranks."""
+    config = {**RUN, "batch_size": 4}
+    expected = run_here("unlearn", _fresh(memorizer_dir, tmp_path / "one"), config=config)
+    got = spawn("unlearn", _fresh(memorizer_dir, tmp_path / "two"), config=config)
+    _assert_same_run(got, expected)

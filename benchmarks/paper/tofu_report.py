@@ -1,5 +1,6 @@
-"""The outputs of ``tofu.py`` from its runs.jsonl records: tofu.md (the table) and tofu.png (model utility vs forget
-quality per epoch, one trajectory per method, as the TOFU figures of Cha et al. and Maini et al. draw them)."""
+"""The outputs of ``tofu.py`` from its runs.jsonl records: tofu.md (the setting, the final epoch of every run, and
+a table per epoch) and tofu.png (the paper's Figure 5: model utility against forget quality, one curve per method
+and rank, markers growing with the epoch, the target model's square and the retain model's star)."""
 
 from __future__ import annotations
 
@@ -9,96 +10,110 @@ from pathlib import Path
 
 from fastunlearn.utils.atomic import atomic_write
 
-ORDER = ("GA", "GD", "LoRA + GD", "LoRA + IHL", "FILA + IHL")
+ORDER = ("GA", "GD", "IHL", "FILA + IHL", "NPO")
+COLORS = {"GA": "tab:red", "GD": "tab:orange", "IHL": "tab:blue", "FILA + IHL": "tab:green", "NPO": "tab:purple"}
 
 
 def _f(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
-    return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return f"{value:.{digits - 1}e}" if value != 0 and abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
-def latest(runs: list[dict]) -> dict[str, list[dict]]:
-    """{split: that split's runs, the last record per method and learning rate, in ORDER, then by lr}; each gets
-    a "label": the method, with its lr when the split ran the method at several."""
-    by_split: dict[str, dict[tuple, dict]] = {}
+def latest(runs: list[dict]) -> list[dict]:
+    """The last record of each (method, rank, lr), ordered by rank, then ORDER, then lr."""
+    found: dict[tuple, dict] = {}
     for run in runs:
-        by_split.setdefault(run["split"], {})[run["method"], run["lr"]] = run
-    rank = {name: i for i, name in enumerate(ORDER)}
-    out = {}
-    for split, found in by_split.items():
-        rows = sorted(found.values(), key=lambda r: (rank.get(r["method"], len(ORDER)), r["lr"]))
-        for run in rows:
-            several = sum(r["method"] == run["method"] for r in rows) > 1
-            run["label"] = f"{run['method']}, lr {run['lr']:g}" if several else run["method"]
-        out[split] = rows
-    return out
+        found[run["method"], run["rank"], run["lr"]] = run
+    position = {name: i for i, name in enumerate(ORDER)}
+    return sorted(found.values(), key=lambda r: (r["rank"], position.get(r["method"], len(ORDER)), r["lr"]))
+
+
+def label(run: dict, runs: list[dict]) -> str:
+    several = len({r["lr"] for r in runs if (r["method"], r["rank"]) == (run["method"], run["rank"])}) > 1
+    return f"{run['method']} r{run['rank']}" + (f", lr {run['lr']:g}" if several else "")
+
+
+def setting(head: dict) -> list[str]:
+    sizes, s, e = head["sizes"], head["settings"], head["eval_settings"]
+    return [
+        f"Forget: {s['split']} ({sizes['forget']} pairs); retain: {sizes['retain']} pairs "
+        f"({s['retain_authors'] or 'all'} authors). Target model: SmolLM2-135M-Instruct fine-tuned {s['ft_epochs']} "
+        f"epochs (lr {s['ft_lr']:g}, {s['ft_batch']} pairs per update) on forget + retain; retain model: the same on "
+        f"the retain pairs only. Prompt format {s['template']}.",
+        "",
+        f"Evaluation (TOFU's): the first {e['max_questions']} questions of each set ({sizes['eval']}), greedy "
+        f"answers until eos or prompt + answer = {e['max_length']} tokens, the model in {e['eval_dtype']} with its "
+        "adapters merged. Forget quality: KS p-value of the forget-set truth ratios against the retain model's.",
+    ]
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["# TOFU on SmolLM2-135M-Instruct (fastunlearn benchmarks/paper/tofu.py)", ""]
-    for split, rows in latest(runs).items():
-        head = rows[0]
-        sizes, settings = head["sizes"], head["settings"]
-        lines += [
-            f"## {split}: forget {sizes['forget']} pairs, retain {sizes['retain']} pairs",
-            "",
-            f"Target model: fine-tuned {settings['ft_epochs']} epochs (lr {settings['ft_lr']:g}, "
-            f"{settings['ft_batch']} rows per update, {settings['template']} prompt) on forget + retain pairs; "
-            "retain model: the same on the retain pairs only."
-            f" Evaluation questions per set: {sizes['eval']}.",
-            "",
-            "| model | trainable | lr | forget quality | model utility | forget prob. | forget ROUGE-L | forget MA | "
-            "unlearning s | evaluation s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, key in (("retain model (reference)", "retain_model"), ("target model", "target_model")):
-            values = head[key]
-            lines.append(f"| {name} | – | – | {_f(values['forget_quality'])} | {_f(values['model_utility'])} | "
-                         f"{_f(values.get('forget_probability'))} | {_f(values.get('forget_rouge_l'))} | "
-                         "– | – | – |")  # fmt: skip
-        for run in rows:
-            last = run["trajectory"][-1]
-            lines.append(
-                f"| {run['label']} (epoch {last['epoch']}) | {run['trainable_percent']:.2f}% | {run['lr']:g} | "
-                f"{_f(last.get('forget_quality'))} | {_f(last.get('model_utility'))} | "
-                f"{_f(last.get('forget_probability'))} | {_f(last.get('forget_rouge_l'))} | "
-                f"{_f(last.get('forget_ma'), 3)} | {run['train_s']:.0f} | {run['hook_s']:.0f} |"
-            )
-        lines += ["", "Per epoch (forget quality / model utility):", "",
-                  "| method | " + " | ".join(f"epoch {p['epoch']}" for p in rows[0]["trajectory"]) + " |",
-                  "| --- |" + " --- |" * len(rows[0]["trajectory"])]  # fmt: skip
-        for run in rows:
-            cells = [f"{_f(p.get('forget_quality'), 3)} / {_f(p.get('model_utility'), 3)}" for p in run["trajectory"]]
-            lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+    rows = latest(runs)
+    head = rows[0]
+    lines = ["# TOFU on SmolLM2-135M-Instruct (fastunlearn benchmarks/paper/tofu.py)", "", *setting(head), ""]
+    lines += [
+        "| model | trainable | lr | epoch | forget quality | model utility | forget prob. | forget ROUGE-L | "
+        "retain ROUGE-L | real-authors ROUGE-L | world-facts ROUGE-L | unlearning s | evaluation s |",
+        "| --- |" + " --- |" * 12,
+    ]
+    for name, key in (("retain model (reference)", "retain_model"), ("target model", "target_model")):
+        v = head[key]
+        lines.append(f"| {name} | – | – | – | {_f(v['forget_quality'])} | {_f(v['model_utility'])} | "
+                     f"{_f(v.get('forget_probability'))} | {_f(v.get('forget_rouge_l'))} | "
+                     f"{_f(v.get('retain_rouge_l'))} | {_f(v.get('real_authors_rouge_l'))} | "
+                     f"{_f(v.get('world_facts_rouge_l'))} | – | – |")  # fmt: skip
+    for run in rows:
+        last = run["trajectory"][-1]
+        lines.append(
+            f"| {label(run, rows)} | {run['trainable_percent']:.2f}% | {run['lr']:g} | {last['epoch']} | "
+            f"{_f(last.get('forget_quality'))} | {_f(last.get('model_utility'))} | "
+            f"{_f(last.get('forget_probability'))} | {_f(last.get('forget_rouge_l'))} | "
+            f"{_f(last.get('retain_rouge_l'))} | {_f(last.get('real_authors_rouge_l'))} | "
+            f"{_f(last.get('world_facts_rouge_l'))} | {run['train_s']:.0f} | {run['hook_s']:.0f} |"
+        )
+    epochs = max(len(r["trajectory"]) for r in rows)
+    lines += ["", "Per epoch, forget quality / model utility (epoch 0: the target model):", "",
+              "| run | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " |",
+              "| --- |" + " --- |" * epochs]  # fmt: skip
+    for run in rows:
+        cells = [f"{_f(p.get('forget_quality'), 3)} / {_f(p.get('model_utility'), 3)}" for p in run["trajectory"]]
+        lines.append(f"| {label(run, rows)} | " + " | ".join(cells + [""] * (epochs - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(runs: list[dict], path: Path) -> None:
+    """One panel per rank; per run a curve through its epochs (marker area growing with the epoch)."""
     from matplotlib.figure import Figure
 
-    splits = latest(runs)
-    fig = Figure(figsize=(6.5 * len(splits), 5), layout="constrained")
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
-    for ax, (split, rows) in zip(axes, splits.items()):
-        head = rows[0]
-        for run in rows:
-            points = [(p["forget_quality"], p["model_utility"]) for p in run["trajectory"]
-                      if p.get("forget_quality") and p.get("model_utility") is not None]  # fmt: skip
-            if points:
-                (line,) = ax.plot(*zip(*points), "o-", ms=4, label=run["label"])
-                ax.plot(*points[-1], "o", ms=8, color=line.get_color())  # the last epoch
-        target = head["target_model"]
-        if target["forget_quality"]:
-            ax.plot(target["forget_quality"], target["model_utility"], "k*", ms=12, label="target model (epoch 0)")
-        ax.axhline(head["retain_model"]["model_utility"], color="grey", ls=":", label="retain model's utility")
-        ax.axvline(0.05, color="tab:red", ls=":", lw=0.8, label="p = 0.05")
+    rows = latest(runs)
+    ranks = sorted({r["rank"] for r in rows})
+    fig = Figure(figsize=(4.2 * len(ranks), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(ranks), squeeze=False, sharey=True)[0]
+    head = rows[0]
+    target, retain = head["target_model"], head["retain_model"]
+    for ax, rank in zip(axes, ranks):
+        for run in (r for r in rows if r["rank"] == rank):
+            points = [(p["epoch"], p.get("forget_quality"), p.get("model_utility")) for p in run["trajectory"]]
+            points = [(e, q, u) for e, q, u in points if q and u is not None]
+            if not points:
+                continue
+            color = COLORS.get(run["method"])
+            ax.plot([q for _, q, _ in points], [u for _, _, u in points], "-", color=color, lw=1, alpha=0.8)
+            ax.scatter([q for _, q, _ in points], [u for _, _, u in points], s=[12 + 14 * e for e, _, _ in points],
+                       color=color, label=label(run, rows).rsplit(" r", 1)[0], zorder=3)  # fmt: skip
+        if target.get("forget_quality"):
+            ax.plot(target["forget_quality"], target["model_utility"], "ks", ms=9, label="target model", zorder=4)
+        ax.plot(1.0, retain["model_utility"], "k*", ms=13, label="retain model", zorder=4)
+        ax.axvline(0.05, color="grey", ls=":", lw=0.8)
         ax.set_xscale("log")
-        ax.set(xlabel="forget quality (KS p-value vs the retain model, log)", ylabel="model utility",
-               title=f"TOFU {split}: {head['sizes']['forget']} forget pairs, SmolLM2-135M\n"
-               "(big dot: last epoch)")  # fmt: skip
-        ax.legend(fontsize="small")
+        ax.set(xlabel="forget quality (KS p-value, log)", title=f"rank {rank}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("model utility")
+    axes[-1].legend(fontsize="small", loc="best")
+    sizes = head["sizes"]
+    fig.suptitle(f"TOFU {head['split']} subset: {sizes['forget']} forget / {sizes['retain']} retain pairs\n"
+                 "SmolLM2-135M-Instruct; marker size: epoch", fontsize="medium")  # fmt: skip
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     atomic_write(path, buffer.getvalue())

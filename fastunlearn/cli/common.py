@@ -14,6 +14,11 @@ EXIT_STATUS = """exit status:
   130  interrupted (Ctrl-C); unlearn and finetune resume from its last finished epoch with the same command
 """
 DEFAULT_SEQ_LEN = 200  # the paper's 200-token sequences
+TEMPLATES = ("auto", "chat", "plain", "tofu-phi", "tofu-llama2")  # fastunlearn.data.qa.TEMPLATES (a test checks)
+TEMPLATE_HELP = ("the QA prompt: chat (the tokenizer's chat template), plain ('Question: {q}\\nAnswer:', loss on "
+                 "the answer), tofu-phi (TOFU's Phi-1.5 format: 'Question: {q}\\n' masked, 'Answer: {a}' in the "
+                 "loss), tofu-llama2 (TOFU's Llama-2 format: '[INST] {q} [/INST]{a}'), auto (chat if the tokenizer "
+                 "has one, else plain)")  # fmt: skip
 
 
 def load_model(path: str, dtype: str, device=None):

@@ -5,7 +5,10 @@ forget quality and model utility (``--tofu DIR``).
         --forget-split forget01 --json tofu.json
 
 ``--retain-model`` is the model fine-tuned on the retain split only (its forget-set truth ratios are the KS test's
-reference), or the ``--json`` file of an earlier ``eval --tofu`` of that model (no second model loads).
+reference), or the ``--json`` file of an earlier ``eval --tofu`` of that model (no second model loads); a file made
+on other forget questions or with another ``--template`` is refused (exit 2). As TOFU by default: the first 300
+questions of each set, greedy answers until prompt + answer reach 200 tokens (``--template tofu-phi`` or
+``tofu-llama2`` for TOFU's prompt formats).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import argparse
 import json
 from pathlib import Path
 
-from fastunlearn.cli.common import add_model_args, check_writable_file, load_model, named_sources, seq_len
+from fastunlearn.cli.common import (
+    TEMPLATE_HELP,
+    TEMPLATES,
+    add_model_args,
+    check_writable_file,
+    load_model,
+    named_sources,
+    seq_len,
+)
 
 
 def add_parser(sub) -> None:
@@ -42,12 +53,15 @@ def add_tofu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain-model", metavar="M", help="with --tofu: the retain model (a model directory, hub name or "
                    ".gguf) or the --json of its earlier --tofu evaluation; gives the forget quality")  # fmt: skip
     p.add_argument("--forget-split", default="forget01", help="with --tofu: forget01, forget05 or forget10 (forget01)")
-    p.add_argument("--tofu-max-questions", type=int, default=40, metavar="N",
-                   help="with --tofu: a seeded sample of N questions per set; 0: all (40)")  # fmt: skip
+    p.add_argument("--tofu-max-questions", type=int, default=300, metavar="N",
+                   help="with --tofu: the first N questions of each set, TOFU's ds_size; 0: all (300)")  # fmt: skip
+    p.add_argument("--tofu-max-length", type=int, default=200, metavar="L",
+                   help="with --tofu: greedy answers end where prompt + answer reach L tokens, TOFU's "
+                   "max_length; 0: no such bound (200)")  # fmt: skip
+    p.add_argument("--tofu-max-new-tokens", type=int, metavar="T",
+                   help="with --tofu: also end greedy answers after T tokens (not TOFU's protocol; none)")  # fmt: skip
     p.add_argument("--tofu-batch-size", type=int, default=16, metavar="B", help="with --tofu: rows per forward (16)")
-    p.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
-                   help="with --tofu: the QA prompt: chat (the tokenizer's chat template), plain ('Question: ... "
-                   "Answer:'), auto (chat when the tokenizer has one)")  # fmt: skip
+    p.add_argument("--template", choices=TEMPLATES, default="auto", help=f"with --tofu: {TEMPLATE_HELP}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,21 +130,35 @@ def run_tofu(args: argparse.Namespace) -> int:
     """``eval --tofu``: check everything cheap first, then evaluate the retain model (unless a JSON) and the model,
     print the table, write ``--json``."""
     from fastunlearn.engine.progress import log_to_terminal
-    from fastunlearn.evals.tofu import evaluate_tofu, format_table, load_tofu_sets, reference_values, save_result
+    from fastunlearn.evals.tofu import (
+        evaluate_tofu,
+        format_table,
+        load_tofu_sets,
+        reference_key,
+        reference_values,
+        save_result,
+    )
 
     if args.set or args.lm_eval_tasks:
         raise ValueError("--tofu runs alone: drop --set / --lm-eval-tasks (run them in another eval)")
-    if args.tofu_max_questions < 0 or args.tofu_batch_size < 1:
-        raise ValueError("--tofu-max-questions must be >= 0 and --tofu-batch-size >= 1")
+    if args.tofu_max_questions < 0 or args.tofu_max_length < 0 or args.tofu_batch_size < 1:
+        raise ValueError("--tofu-max-questions and --tofu-max-length must be >= 0 and --tofu-batch-size >= 1")
+    if args.tofu_max_new_tokens is not None and args.tofu_max_new_tokens < 1:
+        raise ValueError(f"--tofu-max-new-tokens must be >= 1, got {args.tofu_max_new_tokens}")
+    if not args.tofu_max_length and args.tofu_max_new_tokens is None:
+        raise ValueError("--tofu-max-length 0 needs --tofu-max-new-tokens: greedy answers must end")
     if args.json:
         check_writable_file(args.json, "--json")
     sets = load_tofu_sets(args.tofu, args.forget_split)
     options = {"max_questions": args.tofu_max_questions or None, "batch_size": args.tofu_batch_size,
+               "max_length": args.tofu_max_length or None, "max_new_tokens": args.tofu_max_new_tokens,
                "template": args.template}  # fmt: skip
     log_to_terminal()  # progress lines with the ETA on stderr
     reference = None
     if args.retain_model and Path(args.retain_model).suffix == ".json":
-        reference = reference_values(args.retain_model)
+        template = None if args.template == "auto" else args.template  # "auto": checked once the tokenizer loads
+        reference_values(args.retain_model, reference_key(sets["forget"], options["max_questions"], template))
+        reference = args.retain_model  # before the model loads; evaluate_tofu checks it again, template resolved
     elif args.retain_model:
         retain, tokenizer = load_model(args.retain_model, args.dtype)
         reference = evaluate_tofu(retain, tokenizer, {"forget": sets["forget"]}, **options)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastunlearn.cli.common import load_model
+from fastunlearn.cli.common import TEMPLATE_HELP, TEMPLATES, load_model
 
 EXAMPLE = """example (TOFU's target model: every author, 5 epochs, batch 32, lr 1e-5, one epoch of warmup):
   fastunlearn finetune --model microsoft/phi-1_5 --data tofu_full.json --qa --template plain \\
@@ -27,9 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="--qa: .json / .jsonl question/answer records or a dataset; "
                    "else text: .txt, .jsonl, .csv or a dataset")  # fmt: skip
     p.add_argument("--qa", action="store_true", help="DATA holds question/answer pairs: train on the answers only")
-    p.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
-                   help="--qa prompt format: the tokenizer's chat template (auto: when it has one) or "
-                   "'Question: ...\\nAnswer:' (auto)")  # fmt: skip
+    p.add_argument("--template", choices=TEMPLATES, default="auto", help=f"--qa: {TEMPLATE_HELP} (auto)")
     p.add_argument("--question-field", default="question", help="--qa: the question's field (question)")
     p.add_argument("--answer-field", default="answer", help="--qa: the answer's field (answer)")
     p.add_argument("--text-field", default="text", help="text: the field / column in .jsonl / .csv (text)")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 import math
 
-from fastunlearn.cli.common import EXIT_STATUS, add_model_args, load_model, named_sources, seq_len
+from fastunlearn.cli.common import (
+    EXIT_STATUS,
+    TEMPLATE_HELP,
+    TEMPLATES,
+    add_model_args,
+    load_model,
+    named_sources,
+    seq_len,
+)
 
 
 def add_parser(sub) -> None:
@@ -19,8 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--forget", required=True, help="text to forget: .txt (one per line), .jsonl, .csv or a dataset")
     p.add_argument("--qa", action="store_true", help="forget / retain / held-out are question/answer pairs (.json, "
                    ".jsonl or a dataset with question, answer): losses and MA / EL on the answers only")  # fmt: skip
-    p.add_argument("--template", choices=("auto", "chat", "plain"), help="--qa prompt: the tokenizer's chat "
-                   "template, or plain 'Question: ...\\nAnswer:' (auto: chat if the tokenizer has one)")  # fmt: skip
+    p.add_argument("--template", choices=TEMPLATES, help=f"--qa: {TEMPLATE_HELP} (auto)")
     p.add_argument("--retain", help="text to keep (retain loss, FILA's retain Fisher, perplexity)")
     p.add_argument("--heldout", help="similar text the model never saw: its EL / MA are the target (a held-out "
                    "row that repeats forget text is refused)")  # fmt: skip
@@ -46,6 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="learning rate (5e-5 full, 2e-4 lora/fila)")
     p.add_argument("--max-epochs", type=int, default=20, help="give up after this many epochs (20)")
     p.add_argument("--min-epochs", type=int, default=1, help="never stop before this many epochs (1)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="forget sequences per optimizer update: an epoch is ceil(|forget| / N) updates (TOFU: 32); "
+                   "default: the whole forget set, one update per epoch (the paper's TDEC protocol)")  # fmt: skip
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward (8)")
     p.add_argument("--stop", choices=("heldout", "threshold", "epochs"),  # engine.STOPS (a test checks)
                    help="heldout: at the held-out set's MA / EL (default); threshold: at --ma-threshold / "
@@ -88,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         **objective_options(args.loss, args.beta, args.gamma),
         forget_loss=args.loss, retain_weight=0.0 if args.no_retain else args.retain_weight, params=args.params,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, lr=args.lr,
-        max_epochs=args.max_epochs, min_epochs=args.min_epochs, micro_batch_size=args.micro_batch_size,
+        max_epochs=args.max_epochs, min_epochs=args.min_epochs, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         stop=args.stop or ("heldout" if args.ma_threshold is None and args.el_threshold is None else "threshold"),
         ma_threshold=args.ma_threshold, el_threshold=args.el_threshold, dtype=args.dtype, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, fila=fila, eval_retain_ppl=args.retain is not None,

@@ -1,17 +1,31 @@
-"""Question/answer data: load pairs, format them as prompt + answer, tokenize with the loss on the answer only.
+"""Question/answer data: load pairs, format them as prompt + answer, tokenize with the loss after the prompt only.
 
 - ``load_qa``: ``QAPair`` records from a ``.json`` file (a list of objects, or one object per line), a ``.jsonl``
   file, a ``datasets`` dataset (``save_to_disk`` directory or Hub name), or a list of dicts.
-- ``prompt_and_answer``: the two strings of one pair. With ``template="chat"`` (the default ``"auto"`` picks it
-  when the tokenizer has a chat template) the prompt is the tokenizer's chat template of the user turn with the
-  generation prompt, and the answer is the assistant text; with ``"plain"`` it is ``PLAIN_PROMPT``.
+- ``prompt_and_answer``: the two strings of one pair, by template (``TEMPLATES``):
+
+  - ``chat``: the tokenizer's chat template of the user turn with its generation prompt; then ``{answer}``.
+  - ``plain``: ``Question: {question}\nAnswer:``; then `` {answer}``.
+  - ``tofu-phi``: ``Question: {question}\n``; then ``Answer: {answer}`` (the ``Answer:`` tag in the loss).
+  - ``tofu-llama2``: ``[INST] {question} [/INST]``; then ``{answer}`` with no space.
+
+  The first part is the prompt (masked: no loss; greedy answers continue it), the second and an eos the loss.
+  ``"auto"`` (the default) is ``chat`` when the tokenizer has a chat template, else ``plain``. The two ``tofu-*``
+  templates are TOFU's own formats (locuslab/tofu ``config/model_config.yaml``, ``data_module.py``): for Phi-1.5
+  only ``Question: {question}\n`` is masked, so the ``Answer:`` tag is in every loss and answer NLL, and the model
+  writes ``Answer: ...`` itself when generating; for Llama-2 the answer follows ``[/INST]`` with no space.
+  ``plain`` is this project's format: the same words as TOFU's Phi-1.5 format, the loss on the answer alone.
 - ``load_qa_data``: both steps for the forget, retain and held-out sets (``fastunlearn unlearn --qa``).
 - ``tokenize_qa``: a ``SequenceSet`` whose ``labels`` are -100 on the prompt and the padding, so every loss (IHL,
-  GA, NPO, the retain LM loss), the Fisher of FILA and the metrics (MA, EL, answer NLL) cover answer tokens only.
+  GA, NPO, the retain LM loss), the Fisher of FILA and the metrics (MA, EL, answer NLL) cover the tokens after the
+  prompt only.
 
-Prompt and answer are tokenized apart and joined (``prompt_ids + answer_ids + [eos]``): the boundary is exact,
-whatever the tokenizer would merge across it. TOFU's own code does the same (locuslab/tofu ``data_module.py``:
-question and answer formatted, the question's token count masked with -100, eos appended).
+Token layout (``encode_qa``): ``chat`` and ``plain`` tokenize prompt and answer apart and join them
+(``prompt_ids + answer_ids + [eos]``): the boundary is exact, whatever the tokenizer would merge across it. The
+``tofu-*`` templates tokenize as TOFU does (``convert_raw_data_to_model_format``): the whole text
+``prompt + answer`` with the tokenizer's special tokens, then eos; the first ``len(tokenize(prompt))`` tokens
+(special tokens counted) are masked. Their generation prompt (``generation_prompt``) is the prompt tokenized alone
+with special tokens, as TOFU's ``run_generation`` encodes it.
 """
 
 from __future__ import annotations
@@ -31,8 +45,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
-TEMPLATES = ("auto", "chat", "plain")
-PLAIN_PROMPT = "Question: {question}\nAnswer:"  # the answer follows after one space (TOFU's Phi-1.5 format)
+TEMPLATES = ("auto", "chat", "plain", "tofu-phi", "tofu-llama2")
+PLAIN_PROMPT = "Question: {question}\nAnswer:"  # the answer follows after one space; loss on the answer alone
+TOFU_FORMATS = {  # template: (prompt, answer); TOFU's question_start_tag + question + question_end_tag, answer_tag
+    "tofu-phi": ("Question: {question}\n", "Answer: {answer}"),
+    "tofu-llama2": ("[INST] {question} [/INST]", "{answer}"),
+}
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,8 @@ def load_qa(
 
 
 def resolve_template(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> str:
-    """``"chat"`` or ``"plain"``: ``"auto"`` is ``"chat"`` when the tokenizer has a chat template."""
+    """The template to use (``TEMPLATES`` but "auto"): ``"auto"`` is ``"chat"`` when the tokenizer has a chat
+    template, else ``"plain"``; the others are returned as given."""
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     has_chat = bool(getattr(tokenizer, "chat_template", None))
@@ -129,21 +148,44 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, template: str = "auto")
 
 
 def prompt_and_answer(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, template: str) -> tuple[str, str]:
-    """The prompt text (ends where the answer starts) and the answer text, for ``resolve_template``'s choice."""
+    """The prompt text (no loss) and the text after it (the loss), for ``resolve_template``'s choice."""
     if template == "chat":
         messages = [{"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), answer
+    if template in TOFU_FORMATS:
+        prompt, after = TOFU_FORMATS[template]
+        return prompt.format(question=question), after.format(answer=answer)
     return PLAIN_PROMPT.format(question=question), " " + answer
 
 
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
+
+
 def encode_qa(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, template: str) -> tuple[list, int]:
-    """(token ids of prompt + answer + eos, number of prompt tokens). The chat prompt already holds the
-    template's special tokens; the plain prompt gets the tokenizer's own (e.g. a BOS)."""
+    """(token ids of prompt + answer + eos, number of prompt tokens: the masked ones). ``chat`` / ``plain``: prompt
+    and answer tokenized apart (the chat prompt already holds the template's special tokens; the plain prompt gets
+    the tokenizer's own, e.g. a BOS); ``tofu-*``: TOFU's layout (the module docstring)."""
     prompt, answer = prompt_and_answer(tokenizer, question, answer, template)
-    prompt_ids = tokenizer(prompt, add_special_tokens=template == "plain", verbose=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False, verbose=False)["input_ids"]
     eos = special_id(tokenizer, ("eos_token_id",), "QA set", "ending answers")
-    return [*prompt_ids, *answer_ids, eos], len(prompt_ids)
+    if template in TOFU_FORMATS:
+        ids, n_prompt = _ids(tokenizer, prompt + answer, True), len(_ids(tokenizer, prompt, True))
+        if n_prompt >= len(ids):
+            raise ValueError(f"{template} prompt of question {question!r:.60} takes all {len(ids)} tokens of the "
+                             "pair: no answer token to learn or score")  # fmt: skip
+        return [*ids, eos], n_prompt
+    prompt_ids = _ids(tokenizer, prompt, template == "plain")
+    return [*prompt_ids, *_ids(tokenizer, answer, False), eos], len(prompt_ids)
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str) -> list[int]:
+    """The token ids a greedy answer to ``question`` continues: the prompt of :func:`encode_qa` (``tofu-*``: the
+    prompt tokenized alone with special tokens, TOFU's ``run_generation``; the same ids unless the tokenizer
+    merges tokens across the prompt's end)."""
+    if template in TOFU_FORMATS:
+        return _ids(tokenizer, TOFU_FORMATS[template][0].format(question=question), True)
+    ids, n_prompt = encode_qa(tokenizer, question, "x", template)  # the prompt does not depend on the answer
+    return ids[:n_prompt]
 
 
 def tokenize_qa(
@@ -154,8 +196,9 @@ def tokenize_qa(
     template: str = "auto",
     role: str = "QA set",
 ) -> SequenceSet:
-    """One row per pair: prompt + answer + eos, padded on the right to ``seq_len`` (None: the longest row), with
-    ``labels`` = the ids on the answer and eos, -100 on the prompt and padding. A pair longer than ``seq_len``
+    """One row per pair: prompt + answer + eos (:func:`encode_qa`), padded on the right to ``seq_len`` (None: the
+    longest row), with ``labels`` = the ids after the prompt (the answer and eos; ``tofu-phi``: the ``Answer:`` tag
+    too), -100 on the prompt and padding. A pair longer than ``seq_len``
     is an error naming it (a truncated answer would silently change what is learned or forgotten)."""
     if not pairs:
         raise ValueError(f"{role} is empty: no question/answer pairs")

@@ -38,8 +38,10 @@ class UnlearnConfig:
     lr: float | None = None  # None: the paper's 5e-5 for "full", 2e-4 for "lora" / "fila"
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Jang et al.)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    max_epochs: int = 20  # an epoch is one optimizer update from the whole forget set; failure after this many
+    max_epochs: int = 20  # an epoch is one pass over the forget set (batch_size); failure after this many
     min_epochs: int = 1  # never stop before this many epochs (stop="epochs": leave at 1)
+    batch_size: int | None = None  # forget sequences per optimizer update (an epoch: ceil(N / batch_size) updates,
+    # e.g. TOFU's 32); None: the whole forget set, ONE update per epoch (the paper's TDEC protocol)
     micro_batch_size: int = 8  # sequences per forward/backward; accumulation makes the update independent of it
     stop: str = "heldout"  # "heldout": forget MA, EL <= held-out set's before unlearning; "threshold": fixed ones;
     # "epochs": no criterion, exactly max_epochs epochs (TOFU's protocol; no held-out set needed)
@@ -74,6 +76,8 @@ class UnlearnConfig:
             check_choice(name, getattr(self, name), choices)
         for name in ("rank", "max_epochs", "min_epochs", "micro_batch_size", "el_n", "eval_batch_size"):
             check_int(name, getattr(self, name), 1)
+        if self.batch_size is not None and not is_int(self.batch_size, 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None (the whole forget set), got {self.batch_size!r}")
         for name in ("eval_retain_max", "fisher_max_examples"):
             if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an int >= 1 or None (every sequence), got {getattr(self, name)!r}")

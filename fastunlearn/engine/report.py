@@ -136,6 +136,12 @@ def outcome(log: dict) -> str:
     return "; ".join(reasons)
 
 
+def _updates(cfg: dict) -> str:
+    """How an epoch updates: one update from the whole forget set, or updates of batch_size sequences."""
+    size = cfg.get("batch_size")
+    return "one update per epoch" if size is None else f"updates of {size} forget sequences"
+
+
 def report_markdown(log: dict) -> str:
     """The run as Markdown: result, settings, before → after, and a table of every epoch of every task."""
     cfg, model, n = log["config"], log["model"], log["config"]["el_n"]
@@ -152,7 +158,7 @@ def report_markdown(log: dict) -> str:
         f"| trained parameters | {cfg['params']}{adapters}: {model['trainable_percent']:.3f}% "
         f"({model['trainable_params']:,} of {model['total_params']:,}) |",
         f"| optimizer | AdamW, lr {log['learning_rate']:g}, betas {tuple(cfg['betas'])}, weight decay "
-        f"{cfg['weight_decay']:g}; one update per epoch (micro-batches of {cfg['micro_batch_size']}) |",
+        f"{cfg['weight_decay']:g}; {_updates(cfg)} (micro-batches of {cfg['micro_batch_size']}) |",
         f"| epochs | min {cfg['min_epochs']}, max {cfg['max_epochs']} per forget set |",
         f"| model | {' '.join(filter(None, (model['class'], model['name_or_path'])))} in {cfg['dtype']} on "
         f"{model['device']} |",
@@ -290,7 +296,7 @@ def write_plot(path: Path, log: dict) -> None:
         ax.legend(fontsize="small")
     if hooks:
         _plot_hooks(axes[-1], ppl_x, hook_y)
-    axes[-1].set(xlabel="epoch (one update each; 0 = before)")
+    axes[-1].set(xlabel=f"epoch ({_updates(log['config'])}; 0 = before)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -1,7 +1,8 @@
 """What TOFU measures with the model: answer NLLs (teacher-forced) and greedy answers with their ROUGE-L recall.
 
-- :func:`answer_nll`: L(a | q) = -(1/|a|) sum_{t in a} log p(a_t | q, a_<t) per pair, the answer's tokens (its eos
-  included) as :func:`fastunlearn.data.qa.encode_qa` lays them out, the targets by
+- :func:`answer_nll`: L(a | q) = -(1/|a|) sum_{t in a} log p(a_t | q, a_<t) per pair over the tokens after the
+  prompt (the answer and its eos; ``tofu-phi``: the ``Answer:`` tag too) as :func:`fastunlearn.data.qa.encode_qa`
+  lays them out (TOFU's ``get_batch_loss`` / number of labelled tokens), the targets by
   :func:`fastunlearn.losses.next_token_targets`. Rows are sorted by length and right-padded per batch: a causal
   model never looks at the padding after a row, so every value is the unpadded row's whatever ``batch_size`` is
   (up to float rounding of different GEMM shapes, ~1e-7 in float32).
@@ -9,8 +10,9 @@
   answers), all N x K rows pooled into the same length-sorted batches. (Running each prompt once and sharing its
   KV cache among the K answers saves about half the tokens but measured no faster on 2 CPU cores: batches of
   one prompt and K answers are small.)
-- :func:`greedy_answers`: greedy continuations of the prompts, left-padded per batch (as TOFU generates), decoded
-  without the prompt and without special tokens.
+- :func:`greedy_answers`: greedy continuations of the prompts (:func:`fastunlearn.data.qa.generation_prompt`),
+  left-padded per batch (as TOFU generates), decoded without the prompt and without special tokens; each answer
+  ends at eos, after ``max_new_tokens`` tokens, or where prompt + answer reach ``max_length`` tokens (TOFU: 200).
 - :func:`rouge_l_recall`: ROUGE-L recall of each generated answer against its reference with ``rouge_score``'s
   ``RougeScorer(["rougeL"], use_stemmer=True)`` (TOFU's ``eval_rouge_recall``).
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastunlearn.data.labels import next_token_targets
-from fastunlearn.data.qa import IGNORE_INDEX, encode_qa, resolve_template
+from fastunlearn.data.qa import IGNORE_INDEX, encode_qa, generation_prompt, resolve_template
 from fastunlearn.data.text import special_id
 from fastunlearn.evals.metrics.common import inference
 from fastunlearn.utils.optional import missing
@@ -97,7 +99,7 @@ def answer_nll(
     batch_size: int = 16,
     tick: Tick = None,
 ) -> np.ndarray:
-    """(N,) float64 mean per-token NLL of each answer given its question (answer tokens and eos only)."""
+    """(N,) float64 mean per-token NLL of each answer given its question (the tokens after the prompt and eos)."""
     if len(questions) != len(answers):
         raise ValueError(f"questions and answers differ in length: {len(questions)} vs {len(answers)}")
     candidates = [[answer] for answer in answers]
@@ -130,28 +132,47 @@ def candidates_nll(
     return _nll_rows(model, rows, pad, batch_size, tick).reshape(len(questions), k)
 
 
+def new_tokens(n_prompt: int, max_new_tokens: int | None, max_length: int | None) -> int:
+    """How many tokens a greedy answer after ``n_prompt`` prompt tokens may have: ``max_new_tokens``, and no more
+    than ``max_length - n_prompt`` (at least 1) when ``max_length`` is given."""
+    bounds = [] if max_new_tokens is None else [max_new_tokens]
+    if max_length is not None:
+        bounds.append(max(1, max_length - n_prompt))
+    return min(bounds)
+
+
 def greedy_answers(
     model: nn.Module,
     tokenizer,
     questions: Sequence[str],
-    answers: Sequence[str],
+    answers: Sequence[str] | None = None,
     *,
     template: str = "auto",
     batch_size: int = 16,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = 64,
+    max_length: int | None = None,
     tick: Tick = None,
 ) -> list[str]:
-    """Greedy answers to ``questions`` (the prompts of :func:`fastunlearn.data.qa.encode_qa`; ``answers`` only fixes
-    where the prompt ends), up to ``max_new_tokens`` tokens or eos, decoded without the prompt."""
+    """Greedy answers to ``questions`` (the prompts of :func:`fastunlearn.data.qa.generation_prompt`; ``answers``
+    is not used), decoded without the prompt. An answer ends at eos, after ``max_new_tokens`` tokens, or where
+    its prompt and it reach ``max_length`` tokens (TOFU's ``max_length=200``; at least one new token), whichever
+    comes first; None: no such bound (one of the two must be given). Per row, whatever the batch: a batch
+    generates as long as its longest-allowed row, and each row is cut to its own bound."""
     from transformers import GenerationConfig
 
-    check_int("max_new_tokens", max_new_tokens, 1)
+    if max_new_tokens is None and max_length is None:
+        raise ValueError("greedy_answers needs max_new_tokens or max_length (or both): answers must end")
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
+        if value is not None:
+            check_int(name, value, 1)
     check_int("batch_size", batch_size, 1)
-    prompts = [ids[:n_prompt] for ids, n_prompt in _rows(tokenizer, questions, answers, template)]
+    if not questions:
+        raise ValueError("questions is empty: nothing to answer")
+    template = resolve_template(tokenizer, template)
+    prompts = [generation_prompt(tokenizer, q, template) for q in questions]
+    limits = [new_tokens(len(p), max_new_tokens, max_length) for p in prompts]  # each row's bound
     eos = special_id(tokenizer, ("eos_token_id",), "TOFU", "ending answers")
     pad = special_id(tokenizer, ("pad_token_id", "eos_token_id"), "TOFU", "padding")
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                              eos_token_id=eos)  # fmt: skip
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     with inference(model) as device:
@@ -163,11 +184,12 @@ def greedy_answers(
             for r, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
                 ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[r, width - len(prompts[i]) :] = 1
+            config = GenerationConfig(max_new_tokens=max(limits[i] for i in chunk), do_sample=False, num_beams=1,
+                                      pad_token_id=pad, eos_token_id=eos)  # fmt: skip
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config)  # fmt: skip
-            texts = tokenizer.batch_decode(generated[:, width:].cpu(), skip_special_tokens=True)
-            for i, text in zip(chunk, texts):
-                out[i] = text.strip()
+                                       generation_config=config)[:, width:].cpu()  # fmt: skip
+            for r, i in enumerate(chunk):
+                out[i] = tokenizer.decode(generated[r, : limits[i]], skip_special_tokens=True).strip()
             if tick is not None:
                 tick()
     return out
