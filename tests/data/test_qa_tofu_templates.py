@@ -23,7 +23,8 @@ from fastunlearn.data.qa import (
     load_qa,
     tokenize_qa,
 )
-from fastunlearn.models import REAL_DIR, REAL_ENV, REAL_MARKER, cache_root
+from fastunlearn.demo.smollm2 import REAL_DIR, REAL_ENV, REAL_MARKER
+from fastunlearn.models import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
 TOFU = ROOT.parent / "shared" / "data" / "tofu"  # reference data beside the checkout; absent: those tests skip
