@@ -156,6 +156,7 @@ def test_models_the_fused_path_cannot_reproduce_go_through_the_logits():
     with pytest.raises(ValueError, match="fused=True but .*config.final_logit_softcapping"):
         score_sequences(model, ids, fused=True)
     assert "no backbone separate from itself" in fused_unsupported(torch.nn.Sequential(model))  # a wrapper
+    assert "torch.float64" in fused_unsupported(tiny_model("gpt2").double())
 
 
 def test_scores_give_ma_and_perplexity_and_bad_input_is_refused():

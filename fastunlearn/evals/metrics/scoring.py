@@ -9,8 +9,9 @@ Two paths give the same numbers:
 - **logits**: ``model(...).logits``, their argmax and float32 cross-entropy. The reference the fused path is
   tested against, and the path for what the fused one cannot reproduce: models that
   :func:`fastunlearn.fused_lm.check_fused_ihl_support` refuses (an output layer that is not a plain ``nn.Linear``,
-  logits transformed after it such as Gemma 2's softcapping, no backbone separate from the model) and models
-  wrapped for several processes (DDP; FSDP, whose sharded parameters only its own forward gathers).
+  logits transformed after it such as Gemma 2's softcapping, no backbone separate from the model), float64
+  models, and models wrapped for several processes (DDP; FSDP, whose sharded parameters only its own forward
+  gathers).
 
 The greedy token is the first index of the maximum logit on both paths (``torch.argmax``'s rule), from the same
 logits up to GEMM rounding: hits agree except where two logits tie within that rounding. NLL sums agree to float32
@@ -66,6 +67,8 @@ def fused_unsupported(model: nn.Module) -> str | None:
     weight = model.get_output_embeddings().weight
     if type(weight) not in (torch.Tensor, nn.Parameter):  # e.g. a sharded DTensor
         return f"the output layer's weight is a {type(weight).__name__}, not a plain tensor"
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the output layer's weight is {weight.dtype} (the fused op takes float32, bfloat16 or float16)"
     return None
 
 
