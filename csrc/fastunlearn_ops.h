@@ -1,4 +1,4 @@
-// Declarations of the ops of fastunlearn._C (defined in ihl_cpu.cpp, bound in bindings.cpp).
+// Declarations of the ops of fastunlearn._C (defined in ihl_cpu.cpp and logprob_cpu.cpp, bound in bindings.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -21,3 +21,8 @@ void ihl_backward(
     int64_t ignore_index,
     double margin,
     torch::Tensor grad_out);
+
+// log p(label) and the first argmax of each row, in one pass and without a gradient (evaluation). Returns
+// (logp f32 (N,), argmax i64 (N,)); ignored rows: (0, -1); rows with a non-finite log-sum-exp: (NaN, -1).
+std::tuple<torch::Tensor, torch::Tensor> logprob_argmax_forward(
+    torch::Tensor logits, torch::Tensor labels, int64_t ignore_index);

@@ -20,6 +20,9 @@ A call with ``logprob=True`` returns the per-token log-probabilities of the next
 
     out = model(input_ids, attention_mask=mask, logprob=True)             # out.logprobs (B, T - 1)
 
+For evaluation, :func:`fused_causal_lm_logprob_argmax` returns the log-probabilities and the greedy next tokens
+together (no gradient; ``fastunlearn.evals.metrics.score_sequences`` uses it for MA and perplexity).
+
 Every other call (generation, cross-entropy with ``labels``, plain logits) goes to the original forward
 unchanged; ``inspect.signature(model.forward)`` is the original one. ``unpatch_fused_ihl`` restores it.
 Other keyword arguments of a fused call (``position_ids``, ...) go to the backbone; no cache is built.
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 from fastunlearn.lora.layer import LoRALinear
 from fastunlearn.losses import shift_causal
 from fastunlearn.ops.fused_linear import fused_linear_ihl
-from fastunlearn.ops.logprob import fused_linear_logprob
+from fastunlearn.ops.logprob import fused_linear_logprob, fused_linear_logprob_argmax
 from fastunlearn.utils import validate
 from fastunlearn.utils.optional import missing
 
@@ -177,6 +180,32 @@ def fused_causal_lm_logprob(
     shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
     device = head.weight.device
     return fused_linear_logprob(
+        shifted.to(device), head.weight, targets.to(device), head.bias, ignore_index=ignore_index,
+        chunk_rows=chunk_rows,
+    )  # fmt: skip
+
+
+def fused_causal_lm_logprob_argmax(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    **backbone_kwargs,
+) -> tuple[Tensor, Tensor]:
+    """(log p(next token) float32, greedy next token int64), each (B, T - 1), from the last hidden states in one
+    pass over each chunk of logits: what evaluation needs (the NLL and memorization accuracy), never the
+    (B, T, V) logits. Equals ``token_logprob_argmax(*shift_causal(model(...).logits, ...))`` (up to rounding);
+    ignored targets give (0, -1). No gradient: call it under ``torch.no_grad()`` or ``torch.inference_mode()``
+    (:func:`fastunlearn.ops.logprob.fused_linear_logprob_argmax`). ``backbone_kwargs`` go to the backbone."""
+    backbone, head = _backbone_and_head(model)
+    backbone_kwargs = {"use_cache": False, **backbone_kwargs}
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
+    shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
+    device = head.weight.device
+    return fused_linear_logprob_argmax(
         shifted.to(device), head.weight, targets.to(device), head.bias, ignore_index=ignore_index,
         chunk_rows=chunk_rows,
     )  # fmt: skip

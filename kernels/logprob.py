@@ -6,15 +6,17 @@ Per row (one token) with logits z (V,) and label y, in float32:
 
 The forward streams over the vocabulary once, keeping a running max and sum of exponentials per lane (as the IHL
 forward does, ``kernels/ihl.py``), and stores logp (N,) and stats = (m, log s) (N, 2). m and log s stay apart
-so that exp((z_v - m) - log s) keeps float32 accuracy at any logit magnitude.
+so that exp((z_v - m) - log s) keeps float32 accuracy at any logit magnitude. The same pass also tracks the row's
+argmax when asked (``logprob_argmax_forward``, registry op ``logprob_argmax``: what evaluation needs, log p(y)
+for the NLL and the greedy token for memorization accuracy; ties -> the lowest index, as ``torch.argmax``).
 
-Gradient (``fastunlearn._logprob_torch`` derives it): d logp / d z_v = δ_vy - softmax(z)_v, so with the row's
+Gradient (``fastunlearn.ops.reference.logprob`` derives it): d logp / d z_v = δ_vy - softmax(z)_v, so with the row's
 grad_output g the backward writes g (δ_vy - exp((z_v - m) - log s)) in one more pass, in float32, over the
 logits themselves when they are float32.
 
-Row conventions shared with the torch path: ignored rows (y == ignore_index): logp 0, stats (0, 0), gradient 0;
-a label outside [0, V) gives NaN (the host checks refuse it first on CPU); NaN / +inf / all -inf logits give a
-NaN logp (and gradient) on that row.
+Row conventions shared with the torch path: ignored rows (y == ignore_index): logp 0, stats (0, 0), gradient 0,
+argmax -1; a label outside [0, V) gives NaN (the host checks refuse it first on CPU); NaN / +inf / all -inf logits
+give a NaN logp (and gradient) on that row, and argmax -1.
 """
 
 from __future__ import annotations
@@ -29,24 +31,31 @@ from .launch import interpreting
 
 @triton.jit
 def _logprob_forward_kernel(
-    logits_ptr, logits_row_stride, labels_ptr, logp_ptr, stats_ptr, n_cols, ignore_index, BLOCK_V: tl.constexpr
-):
+    logits_ptr, logits_row_stride, labels_ptr, logp_ptr, stats_ptr, argmax_ptr, n_cols, ignore_index,
+    BLOCK_V: tl.constexpr, WITH_ARGMAX: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_row_stride
     y = tl.load(labels_ptr + row)
     if settle_label(logp_ptr, stats_ptr, row, y, n_cols, ignore_index):  # ignored: 0, out of range: NaN
+        if WITH_ARGMAX:
+            tl.store(argmax_ptr + row, -1)
         return
     # Per lane: max m_k and s_k = sum exp(z - m_k), one exp per element (see kernels/ihl.py); m_k starts at the
-    # lowest finite float so -inf logits add 0 instead of NaN.
+    # lowest finite float so -inf logits add 0 instead of NaN. WITH_ARGMAX: also the first index of the lane's
+    # max (strict '>' keeps the first; a lane's first element equal to the start value -FLT_MAX is taken too).
     lane = tl.arange(0, BLOCK_V)
     m_lane = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
     s_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
+    i_lane = tl.zeros([BLOCK_V], dtype=tl.int32) + n_cols  # n_cols: nothing above -FLT_MAX seen in this lane
     for start in range(0, n_cols, BLOCK_V):
         offs = start + lane
         z = tl.load(logits_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
         d = z - m_lane
         e = tl.exp(-tl.abs(d))
         grow = d > 0.0
+        if WITH_ARGMAX:
+            i_lane = tl.where(grow | ((d == 0.0) & (i_lane == n_cols)), offs, i_lane)
         s_lane = tl.where(grow, s_lane * e + 1.0, s_lane + e)
         m_lane = tl.where(grow, z, m_lane)
     m = tl.max(m_lane, axis=0)
@@ -55,9 +64,17 @@ def _logprob_forward_kernel(
     tl.store(logp_ptr + row, (z_y - m) - log_s)
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
+    if WITH_ARGMAX:
+        # The first index among the lanes holding the row max; -1 where the log-sum-exp is not finite (NaN,
+        # +inf or all -inf logits: the log-probability is NaN there).
+        first = tl.min(tl.where(m_lane == m, i_lane, n_cols), axis=0)
+        lse = m + log_s
+        finite = (lse == lse) & (tl.abs(lse) < float("inf")) & (first < n_cols)
+        tl.store(argmax_ptr + row, tl.where(finite, first, -1).to(tl.int64))
 
 
 _logprob_forward_autotuned = triton.autotune(configs=FORWARD_CONFIGS, key=["n_cols"])(_logprob_forward_kernel)
+_logprob_argmax_autotuned = triton.autotune(configs=FORWARD_CONFIGS, key=["n_cols"])(_logprob_forward_kernel)
 
 
 @triton.jit
@@ -81,24 +98,43 @@ def _logprob_backward_kernel(
         tl.store(grad_ptr + offs, tl.where(ignored, 0.0, d), mask=in_row)  # 0 on ignored rows, NaN logits or not
 
 
+def _forward(logits, labels, ignore_index, block_v, num_warps, with_argmax):
+    n_rows, n_cols = logits.shape
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
+    # without WITH_ARGMAX the kernel never touches argmax_ptr: logp stands in for it
+    argmax = torch.empty(n_rows, dtype=torch.int64, device=logits.device) if with_argmax else logp
+    if n_rows == 0:
+        return logp, stats, argmax
+    args = (logits, logits.stride(0), labels, logp, stats, argmax, n_cols, ignore_index)
+    if block_v is None and num_warps is None and not interpreting():
+        tuned = _logprob_argmax_autotuned if with_argmax else _logprob_forward_autotuned
+        tuned[(n_rows,)](*args, WITH_ARGMAX=with_argmax)
+    else:
+        block_v, num_warps = launch_config(n_cols, block_v, num_warps)
+        _logprob_forward_kernel[(n_rows,)](*args, BLOCK_V=block_v, WITH_ARGMAX=with_argmax, num_warps=num_warps)
+    return logp, stats, argmax
+
+
 def logprob_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(logp (C,), stats (C, 2) = (max, log sum exp(z - max))) float32. logits (C, V) with unit last-dim
     stride (not written), labels (C,) int64 contiguous."""
-    n_rows, n_cols = logits.shape
-    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
-    if n_rows == 0:
-        return logp, stats
-    args = (logits, logits.stride(0), labels, logp, stats, n_cols, ignore_index)
-    if block_v is None and num_warps is None and not interpreting():
-        _logprob_forward_autotuned[(n_rows,)](*args)
-    else:
-        block_v, num_warps = launch_config(n_cols, block_v, num_warps)
-        _logprob_forward_kernel[(n_rows,)](*args, BLOCK_V=block_v, num_warps=num_warps)
+    logp, stats, _ = _forward(logits, labels, ignore_index, block_v, num_warps, False)
     return logp, stats
+
+
+def logprob_argmax_forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(logp (C,) float32, argmax (C,) int64) in the same single pass over each row: argmax is the first index
+    of the row's maximum, -1 on ignored rows and where logp is NaN. logits (C, V) with unit last-dim stride
+    (not written), labels (C,) int64 contiguous."""
+    logp, _, argmax = _forward(logits, labels, ignore_index, block_v, num_warps, True)
+    return logp, argmax
 
 
 def logprob_backward(

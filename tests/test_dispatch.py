@@ -98,6 +98,7 @@ def test_registry_backends_load_with_the_ops_attributes():
         "fisher": (),
         "weighted_lowrank": (),
         "logprob": ("logprob_forward", "logprob_backward"),
+        "logprob_argmax": (),
     }
     assert set(dispatch.OPS) == set(expected)
     for op, spec in dispatch.OPS.items():

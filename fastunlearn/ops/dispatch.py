@@ -13,6 +13,8 @@ and what they accept: the device types of its C++ kernels, the dtypes of its Tri
 - ``fisher``: torch, triton (``fisher_accumulate``); ``empirical_fisher``.
 - ``weighted_lowrank``: torch; ``weighted_lowrank`` and ``weighted_lowrank_grouped``.
 - ``logprob``: torch, triton (modules with ``logprob_forward`` / ``logprob_backward``); ``fused_linear_logprob``.
+- ``logprob_argmax``: torch, triton, csrc (``logprob_argmax_forward``, no gradient); ``token_logprob_argmax``,
+  ``fused_linear_logprob_argmax`` (evaluation: the NLL and the greedy token of each position in one pass).
 
 **Rule** (:func:`select`): the requested implementation is the caller's ``impl=`` argument, else the tests'
 ``_force_impl`` override, else ``FASTUNLEARN_IMPL=torch|triton|csrc`` (``auto`` or unset: none). A request the
@@ -87,6 +89,13 @@ OPS: dict[str, Op] = {
     ),
     "weighted_lowrank": Op({"torch": "fastunlearn.ops.lowrank:weighted_lowrank_torch"}),
     "logprob": Op({"torch": "fastunlearn.ops.reference.logprob", "triton": "fastunlearn.kernels.logprob"}),
+    "logprob_argmax": Op(
+        {
+            "torch": "fastunlearn.ops.reference.logprob:logprob_argmax_forward",
+            "triton": "fastunlearn.kernels.logprob:logprob_argmax_forward",
+            "csrc": "fastunlearn._C:logprob_argmax_forward",
+        }
+    ),
 }
 
 

@@ -4,16 +4,28 @@ gradient ascent are built from (``fastunlearn.losses``).
 - :func:`token_logprob`: from logits (..., V) a caller already has.
 - :func:`fused_linear_logprob`: from the last hidden states and the LM head, never holding the (N, V) logits.
   Rows are processed in chunks: z_c = h_c Wᵀ + b (C, V) in the inputs' dtype, then in float32 the row max
-  m_c and log-sum s_c = log sum exp(z_c - m_c), logp_c = (z_{c,y} - m_c) - s_c (``_logprob_torch`` derives
-  the gradient). Only the (N, 2) float32 [m, s] is kept for backward, which recomputes each chunk's logits (the
-  per-token grad_output is
-  known only then) and forms dz_c = g_c (onehot(y_c) - softmax(z_c)) in float32, then
-  grad_h_c = dz_c W and grad_W += dz_cᵀ h_c, grad_b += sum_c dz_c, accumulated in float32 with ``addmm``.
+  m_c and log-sum s_c = log sum exp(z_c - m_c), logp_c = (z_{c,y} - m_c) - s_c (``ops.reference.logprob``
+  derives the gradient). Only the (N, 2) float32 [m, s] is kept for backward, which recomputes each chunk's
+  logits (the per-token grad_output is known only then) and forms dz_c = g_c (onehot(y_c) - softmax(z_c)) in
+  float32, then grad_h_c = dz_c W and grad_W += dz_cᵀ h_c, grad_b += sum_c dz_c, accumulated in float32 with ``addmm``.
   The backend works in place on each chunk: peak extra memory is one (C, V) chunk (plus its float32 copy for
   bfloat16 / float16 inputs) and the gradients. 1 GEMM forward (the logits), 3 backward.
 
 Both return float32 per-token values shaped like ``labels``, exactly 0 (with zero gradient) at ``ignore_index``.
 Backends: the registry op ``logprob`` (``fastunlearn.ops.dispatch``): ``torch`` (chunked, any device).
+
+For evaluation (no gradient), the same row pass also yields each row's argmax, the greedy token that memorization
+accuracy compares with the target:
+
+- :func:`token_logprob_argmax`: (logp, argmax) from logits.
+- :func:`fused_linear_logprob_argmax`: (logp, argmax) from hidden states and the LM head, one (C, V) chunk of
+  logits at a time (1 GEMM per chunk, then one pass over it: no log-softmax or float32 copy of the logits).
+
+Their rows: logp as above; argmax (int64) = the lowest index of the row's maximum (``torch.argmax``'s tie rule),
+-1 on ignored rows; a row whose log-sum-exp is not finite (NaN, +inf or all -inf logits) gives logp NaN and
+argmax -1 (returned, not raised: a NaN perplexity stays visible, as through the logits). They have no gradient:
+inputs that require one are refused while autograd is on (call them under ``torch.no_grad()`` or
+``torch.inference_mode()``). Backends: the registry op ``logprob_argmax``: ``torch``, ``csrc`` (CPU), ``triton``.
 """
 
 from __future__ import annotations
@@ -41,6 +53,78 @@ def token_logprob(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -
     rows = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, ignore_index=ignore_index,
                            reduction="none")  # fmt: skip
     return (-rows).view(labels.shape)
+
+
+def _refuse_grad(**tensors: Tensor | None) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but log p + argmax is an evaluation op without a gradient: call it under "
+                f"torch.no_grad() or torch.inference_mode() (or use token_logprob / fused_linear_logprob to train)"
+            )
+
+
+def token_logprob_argmax(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, impl: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """(log softmax(logits)[label] float32, argmax(logits) int64), both shaped like ``labels``, in one pass over
+    each row (module docstring: ties, ignored and non-finite rows). No gradient.
+
+    logits (..., V) float32 / bfloat16 / float16 with V >= 2, labels (...) int aligned with the logits.
+    ``impl``: the backend of registry op ``logprob_argmax`` (None: automatic)."""
+    validate.check_float_tensor("logits", logits)
+    validate.check_labels(labels, logits.shape[:-1], logits.device, "logits (..., V)")
+    if logits.shape[-1] < 2:
+        raise ValueError(f"logits must have at least 2 classes (last dim), got shape {tuple(logits.shape)}")
+    _refuse_grad(logits=logits)
+    z = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    y = flatten_labels(labels)  # (N,)
+    if validate.value_checks_enabled(z.device):
+        validate.check_label_values(y, z.shape[-1], ignore_index)
+    impl = dispatch.select("logprob_argmax", z.device, (z.dtype,), impl=impl)
+    with torch.no_grad():
+        logp, argmax = dispatch.implementation("logprob_argmax", impl)(z, y, int(ignore_index))
+    return logp.view(labels.shape), argmax.view(labels.shape)
+
+
+def fused_linear_logprob_argmax(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    impl: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log p(label) float32, argmax int64) under ``hidden @ weight.T + bias`` per token, shaped like ``labels``,
+    without materializing the logits; what :func:`token_logprob_argmax` gives on ``F.linear(hidden, weight,
+    bias)`` (the same rounded logits, a chunk at a time). No gradient.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, labels (...) int. ``chunk_rows``: rows per chunk (default:
+    about 256 MiB of float32 logits). ``impl``: the backend of registry op ``logprob_argmax`` (None: automatic).
+    """
+    check_linear_inputs(hidden, weight, labels, bias, chunk_rows)
+    _refuse_grad(hidden=hidden, weight=weight, bias=bias)
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    y = flatten_labels(labels)  # (N,)
+    if validate.value_checks_enabled(h.device):
+        validate.check_label_values(y, weight.shape[0], ignore_index)
+    step = rows_per_chunk(weight.shape[0], 4, chunk_rows)
+    impl = dispatch.select("logprob_argmax", h.device, (h.dtype,), impl=impl)
+    row_op = dispatch.implementation("logprob_argmax", impl)
+    logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    argmax = torch.empty(h.shape[0], dtype=torch.int64, device=h.device)
+    with torch.no_grad():
+        for start in range(0, h.shape[0], step):
+            rows = slice(start, start + step)
+            z = torch.addmm(bias, h[rows], weight.t()) if bias is not None else h[rows] @ weight.t()  # (C, V)
+            logp[rows], argmax[rows] = row_op(z, y[rows], int(ignore_index))
+            del z
+    return logp.view(labels.shape), argmax.view(labels.shape)
 
 
 def _chunked_logprob(hidden, weight, bias, labels, ignore_index, step, ops) -> tuple[Tensor, Tensor]:

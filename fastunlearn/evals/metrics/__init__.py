@@ -24,8 +24,14 @@ For a sequence x = (x_0, ..., x_{T-1}) and a causal LM, g_t = argmax p(. | x_<t)
   window scores only the tokens after the previous window's end (the HF perplexity guide): every token but
   the first is scored once, with as much left context as the windows give (when stride < context).
 
-Modules: ``memorization`` (MA), ``extraction`` (EL_n, fast and reference), ``perplexity``; ``evaluate``
-below runs them on named sets.
+**One forward for both** (``scoring.score_sequences``): MA and the NLL come from the same teacher-forced forward
+per batch, by default straight from the model's last hidden states: one fused pass over each chunk of the output
+layer's logits gives log p(target) and the greedy token of every position, and the (B, T, V) logits never exist
+(models whose logits that cannot reproduce are scored through their logits; ``fused=False`` forces that path).
+
+Modules: ``scoring`` (NLL, token counts and greedy hits per sequence), ``memorization`` (MA), ``extraction``
+(EL_n, fast and reference), ``perplexity``; ``evaluate`` below runs them on named sets (MA and perplexity of a
+set from one scoring pass when both are asked for).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 from fastunlearn.evals.metrics.extraction import extraction_likelihood, extraction_likelihood_reference
 from fastunlearn.evals.metrics.memorization import memorization_accuracy
 from fastunlearn.evals.metrics.perplexity import perplexity, sequence_nll
+from fastunlearn.evals.metrics.scoring import SequenceScores, score_sequences
 
 METRICS = ("ma", "el", "ppl")
 
@@ -60,16 +67,19 @@ def evaluate(
         raise ValueError(f"metrics must be a non-empty sequence of {METRICS}, got {metrics!r}")
     results = {}
     for name, ids in sets.items():
-        row = {}
+        row, scores = {}, None
+        if "ma" in metrics and "ppl" in metrics:  # both from one forward per batch (a set fits the context for MA)
+            scores = score_sequences(model, ids, batch_size=batch_size, desc="MA + perplexity")
         if "ma" in metrics:
-            row["ma"] = memorization_accuracy(model, ids, batch_size=batch_size).mean().item()
+            ma = memorization_accuracy(model, ids, batch_size=batch_size) if scores is None else scores.ma()
+            row["ma"] = ma.mean().item()
         if "el" in metrics:
             el = extraction_likelihood(
                 model, ids, n, eos_token_id=eos_token_id, batch_size=batch_size, cache_mb=cache_mb
             )
             row["el"] = el.mean().item()
         if "ppl" in metrics:
-            row["ppl"] = perplexity(model, ids, batch_size=batch_size)
+            row["ppl"] = perplexity(model, ids, batch_size=batch_size) if scores is None else scores.perplexity()
         results[name] = row
     return results
 
@@ -81,5 +91,7 @@ __all__ = [
     "extraction_likelihood_reference",
     "memorization_accuracy",
     "perplexity",
+    "score_sequences",
     "sequence_nll",
+    "SequenceScores",
 ]

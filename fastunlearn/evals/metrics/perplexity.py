@@ -1,4 +1,5 @@
-"""Sliding-window next-token NLL and perplexity (see ``fastunlearn.evals.metrics``)."""
+"""Sliding-window next-token NLL and perplexity (see ``fastunlearn.evals.metrics``); each batch of windows is
+scored by ``scoring.score_batch`` (one forward, the logits never materialized where the model allows it)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.data.labels import next_token_targets
 from fastunlearn.evals.metrics.common import inference, progress
+from fastunlearn.evals.metrics.scoring import score_batch, use_fused
 from fastunlearn.utils.validate import check_int, check_token_ids
 
 
@@ -34,7 +35,7 @@ def _as_sequences(model: nn.Module, sequences) -> list[Tensor]:
 
 def sequence_nll(
     model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8,
-    labels=None,
+    labels=None, fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(summed next-token NLL (N,) float64, number of scored tokens (N,) int64) of each sequence.
 
@@ -43,7 +44,8 @@ def sequence_nll(
     and score the tokens after the previous window's end; ``batch_size`` windows per forward, right-padded
     (causal attention: padding after a token never changes its logits). ``labels``: None, or the same shapes
     as ``sequences`` (Hugging Face style, aligned with them): only tokens with a label other than -100 are
-    scored, against that label (the answers of a question/answer set).
+    scored, against that label (the answers of a question/answer set). ``fused``: how each window is scored
+    (``scoring.score_batch``; None: from the last hidden states without the logits where the model allows it).
     """
     seqs = _as_sequences(model, sequences)
     given = None
@@ -62,6 +64,7 @@ def sequence_nll(
     if stride > context:
         raise ValueError(f"stride must be <= context ({context}), got {stride}")
     check_int("batch_size", batch_size, 1)
+    fused = use_fused(model, fused)
     windows = []  # (sequence, begin, end, first scored position)
     for i, s in enumerate(seqs):
         prev_end = 0
@@ -86,18 +89,19 @@ def sequence_nll(
                 mask[j, : end - begin] = 1
                 labels[j, : first - begin] = -100
             targets = next_token_targets(ids, mask, labels)  # (W, width - 1)
-            logits = model(input_ids=ids.to(device)).logits[:, :-1].float()  # (W, width - 1, V)
-            token_nll = F.cross_entropy(logits.transpose(1, 2), targets.to(device), reduction="none").cpu()  # 0 at -100
+            full = torch.cat([torch.full((len(batch), 1), -100), targets], dim=1)  # padding: -100, no mask needed
+            window_nll, _ = score_batch(model, ids.to(device), full.to(device), None, fused=fused)
             owner = torch.tensor([w[0] for w in batch])
-            nll.index_add_(0, owner, token_nll.double().sum(1))
+            nll.index_add_(0, owner, window_nll)
             count.index_add_(0, owner, (targets != -100).sum(1))
     return nll, count
 
 
 def perplexity(
     model: nn.Module, sequences, *, context: int | None = None, stride: int | None = None, batch_size: int = 8,
-    labels=None,
+    labels=None, fused: bool | None = None,
 ) -> float:  # fmt: skip
     """exp(total NLL / total scored tokens) over ``sequences`` (token-weighted; see ``sequence_nll``)."""
-    nll, count = sequence_nll(model, sequences, context=context, stride=stride, batch_size=batch_size, labels=labels)
+    nll, count = sequence_nll(model, sequences, context=context, stride=stride, batch_size=batch_size, labels=labels,
+                              fused=fused)  # fmt: skip
     return math.exp(nll.sum().item() / count.sum().item())

@@ -1,5 +1,5 @@
-"""The plain-PyTorch backend of the per-token log-probability op (registry op ``logprob``), and the full-logits
-reference the tests check every path against.
+"""The plain-PyTorch backends of the per-token log-probability ops (registry ops ``logprob`` and, for evaluation,
+``logprob_argmax``), and the full-logits reference the tests check every path against.
 
 Row convention (one chunk of rows): logits (C, V) in any float dtype, labels (C,) int64 with ``ignore_index``
 rows. Statistics (C, 2) float32: m_i = max_v z_iv and s_i = log sum_v exp(z_iv - m_i), so that
@@ -43,6 +43,21 @@ def logprob_backward(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: T
     dz.mul_(-g[:, None])
     dz.scatter_add_(1, torch.where(valid, labels, 0)[:, None], g[:, None])
     return dz.masked_fill_(~valid[:, None], 0.0)
+
+
+def logprob_argmax_forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(logp (C,) float32, argmax (C,) int64) of ``logits`` (C, V) against ``labels`` (C,), without a gradient:
+    logp as :func:`logprob_forward`, argmax = the first index of the row's maximum (``torch.max`` returns the
+    first one). Ignored rows: logp 0, argmax -1; rows whose log-sum-exp is not finite (NaN, +inf or all -inf
+    logits): logp NaN, argmax -1. ``logits`` is not written (one float32 temporary of its shape)."""
+    z = logits.float()  # (C, V): the chunk itself when float32, else one float32 copy (exact: argmax unchanged)
+    valid = labels != ignore_index
+    m, argmax = z.max(dim=1)  # (C,), (C,): the first index on ties; NaN rows give m NaN
+    picked = z.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)  # z_{i, y_i}
+    s = (z - m[:, None]).exp_().sum(dim=1).log_()  # (C,)
+    finite = torch.isfinite(m + s)
+    logp = torch.where(valid, torch.where(finite, (picked - m) - s, float("nan")), 0.0)
+    return logp, torch.where(valid & finite, argmax, -1)
 
 
 def logprob_reference(
