@@ -171,5 +171,5 @@ def test_scores_give_ma_and_perplexity_and_bad_input_is_refused():
         score_sequences(model, ids, batch_size=0)
     with pytest.raises(ValueError, match=r"labels has shape \(6, 3\) but input_ids has \(6, 16\)"):
         score_sequences(model, ids, labels=ids[:, :3])
-    with pytest.raises(ValueError, match="input_ids holds token ids outside"):
+    with pytest.raises(ValueError, match="input_ids has token id 126, outside"):
         score_sequences(model, ids + VOCAB)
