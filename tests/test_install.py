@@ -56,7 +56,7 @@ def test_transformers_model_code_and_fastunlearn_kernels_import_together_from_th
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_m_fastunlearn_unlearn_from_the_repository_root(tmp_path):
     """The README's torchrun line, run from a checkout's root: 2 processes (gloo) on a tiny model."""
-    from tiny_models import tiny_model, word_tokenizer
+    from tests.helpers.tiny_models import tiny_model, word_tokenizer
 
     words = [f"w{i}" for i in range(40)]
     tiny_model("gpt_neo").save_pretrained(tmp_path / "model")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from test_tied_embeddings import is_tied, tiny_llama
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -22,6 +21,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fastunlearn.demo import smollm2
 from fastunlearn.models import load_model, real_model
+from tests.helpers.tiny_models import is_tied, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 

@@ -39,7 +39,7 @@ SEQ_LEN = 12
 
 
 def _tokenizer():
-    from tiny_models import word_tokenizer
+    from tests.helpers.tiny_models import word_tokenizer
 
     return word_tokenizer(WORDS)
 

@@ -1,4 +1,5 @@
-"""Package structure: import layering (parsed with ast), a light ``import fastunlearn``, extras that say so."""
+"""Package structure: import layering (parsed with ast), a light ``import fastunlearn``, extras that say so; the
+tests' layout mirrors the package and no test file imports another."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ast
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -213,3 +215,133 @@ def test_a_missing_extra_is_named(module, extra):
     )
     assert out.returncode == 0, out.stderr
     assert f'pip install "fastunlearn[{extra}]"' in out.stdout and "'transformers'" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tests mirror the package; test files share code only through tests/helpers and tests/conftest.py
+# ---------------------------------------------------------------------------------------------------------
+WHOLE_PACKAGE_TESTS = {"test_structure.py", "test_install.py", "test_readme.py"}  # the package as a whole
+SHARED_FOLDERS = {"helpers"}  # the one folder of tests/ that mirrors no package folder: what test files share
+SHARED_FILES = {"__init__.py", "conftest.py"}
+
+
+def misplaced_tests(tests: Path, package: Path, extra_folders: set[str]) -> list[str]:
+    """tests/<folder> must test package/<folder> (or be helpers/, or one of ``extra_folders``) and be a package;
+    tests/test_<module>.py a top-level module package/<module>.py, or the package as a whole."""
+    folders = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()} | extra_folders
+    modules = {p.stem for p in package.glob("*.py") if not p.name.startswith("_")}
+    wrong = []
+    for path in sorted(tests.iterdir()):
+        name = path.name
+        if name.startswith(".") or name == "__pycache__":
+            continue
+        if path.is_dir() and name not in folders | SHARED_FOLDERS:
+            wrong.append(f"tests/{name}/: no package folder {package.name}/{name}/ (allowed: {sorted(folders)})")
+        elif path.is_dir() and not (path / "__init__.py").is_file():
+            wrong.append(f"tests/{name}/ has no __init__.py (its modules' names would clash with other folders')")
+        elif path.is_file() and path.suffix == ".py" and name not in SHARED_FILES | WHOLE_PACKAGE_TESTS:
+            if not name.startswith("test_"):
+                wrong.append(f"tests/{name}: code the tests share belongs in tests/helpers/")
+            elif name[5:-3] not in modules:
+                wrong.append(f"tests/{name}: no top-level module {package.name}/{name[5:]}; move it into its folder")
+    return wrong
+
+
+def test_every_tests_folder_is_a_package_folder_or_helpers():
+    assert misplaced_tests(ROOT / "tests", ROOT / "fastunlearn", {"kernels"}) == []
+
+
+def test_the_folder_rule_reports_misplaced_tests(tmp_path):
+    package, tests = tmp_path / "pkg", tmp_path / "tests"
+    for folder in (package / "ops", tests / "ops", tests / "helpers", tests / "misc", tests / "lora"):
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+    (tests / "lora" / "__init__.py").unlink()
+    for name in ("losses.py", "_private.py"):
+        (package / name).write_text("")
+    for name in ("test_losses.py", "test_private.py", "test_readme.py", "tiny.py", "conftest.py"):
+        (tests / name).write_text("")
+    found = "\n".join(misplaced_tests(tests, package, set()))
+    assert [line.split(":")[0].split(" ")[0] for line in found.splitlines()] == [
+        "tests/lora/", "tests/misc/", "tests/test_private.py", "tests/tiny.py"
+    ], found  # fmt: skip
+
+
+def module_names_in_tests() -> set[str]:
+    """Bare names of every module under tests/ (test files, conftest, helpers)."""
+    return {p.stem for p in (ROOT / "tests").rglob("*.py")} - {"__init__"}
+
+
+def bad_imports(source: str, bare: set[str], strings: bool = True) -> list[str]:
+    """Imports of a test file, conftest or a tests/ module by its bare name, relative imports and sys.path
+    changes in ``source``, and with ``strings`` in code it holds in strings (what it runs in a subprocess)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if strings and isinstance(node, ast.Constant) and isinstance(node.value, str) and "import " in node.value:
+            try:
+                found += bad_imports(textwrap.dedent(node.value), bare)
+            except SyntaxError:
+                pass
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                found.append(f"line {node.lineno}: relative import (use tests.helpers.<module>)")
+                continue
+            names = [a.name for a in node.names]
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                head = name.split(".")[0]
+                if head == "tests" and not name.startswith("tests.helpers") and name != "tests":
+                    found.append(f"line {node.lineno}: imports {name} (only tests.helpers is shared)")
+                    break
+                if head in bare:
+                    found.append(f"line {node.lineno}: imports {name} by its bare name (use tests.helpers)")
+                    break
+        elif (isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend")
+              and ast.unparse(node.value) == "sys.path"):  # fmt: skip
+            found.append(f"line {node.lineno}: changes sys.path")
+    return found
+
+
+def test_no_test_file_imports_another_test_file():
+    """Test files share code through tests/helpers (imported as tests.helpers.<module>) and fixtures through
+    tests/conftest.py, never by importing another test file or conftest, so each folder runs on its own."""
+    bare = module_names_in_tests()
+    assert {"test_ihl", "conftest", "tiny_models"} <= bare
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        strings = path != Path(__file__).resolve()  # this file's strings are the rule's own bad examples
+        found += [f"{path.relative_to(ROOT)}: {line}" for line in bad_imports(path.read_text(), bare, strings)]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from tests.engine.test_unlearn import memorized",
+        "from tests.cli import test_cli_unlearn",
+        "import tests.conftest",
+        "from tests import conftest",
+        "from conftest import IMPL_PARAMS",
+        "from tiny_models import tiny_model",
+        "def f():\n    import test_qa",
+        "from .test_qa import WORDS",
+        "import sys\nsys.path.insert(0, 'tests')",
+        'WORKER = """\n    import os\n    from test_hf_trainer import SGD\n"""',
+    ],
+    ids=[
+        "test-file",
+        "test-module",
+        "conftest",
+        "from-tests-conftest",
+        "bare-conftest",
+        "bare-helper",
+        "nested",
+        "relative",
+        "sys-path",
+        "subprocess-code",
+    ],
+)
+def test_the_import_rule_reports_each_way_of_importing_a_test_file(source):
+    assert bad_imports(source, {"test_qa", "test_hf_trainer", "conftest", "tiny_models"}), source
+    assert not bad_imports("from tests.helpers.tiny_models import tiny_model\nimport tests.helpers.runs", set())

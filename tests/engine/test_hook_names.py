@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
 
 from fastunlearn.data.text import SequenceSet
 from fastunlearn.engine import UnlearnConfig, unlearn
 from fastunlearn.engine.recipe import UnlearnRecipe
+from tests.helpers.tiny_models import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
 
 from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine import UnlearnConfig, checkpoint, unlearn
 from fastunlearn.engine.inputs import data_fingerprint
 from fastunlearn.engine.runlog import EpochRecord, RunLog, TaskLog
 from fastunlearn.utils.atomic import PRIVATE
+from tests.helpers.tiny_models import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastunlearn.evals import metrics
 from fastunlearn.evals.metrics import SequenceScores, score_sequences
 from fastunlearn.evals.metrics.scoring import fused_unsupported
+from tests.helpers.tiny_models import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T = 16

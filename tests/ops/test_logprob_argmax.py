@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMPL_PARAMS
-from reference import assert_close_verbose
 
 from fastunlearn.ops import dispatch
 from fastunlearn.ops.logprob import fused_linear_logprob_argmax, token_logprob_argmax
+from tests.helpers.backends import IMPL_PARAMS
+from tests.helpers.reference import assert_close_verbose
 
 IMPLS = [p for p in IMPL_PARAMS if p.values[0] in dispatch.OPS["logprob_argmax"].backends]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_quant import DTYPES, K_TYPES, gguf_dequantize, hard_rows, same_bits
 
 from fastunlearn.ops import quant
+from tests.helpers.quant import DTYPES, K_TYPES, gguf_dequantize, hard_rows, same_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
 
 from fastunlearn.utils.validate import check_token_ids, token_id_limit
+from tests.helpers.tiny_models import VOCAB, tiny_model
 
 
 class ConfigOnly(torch.nn.Module):
