@@ -12,7 +12,7 @@
 # that would start with under 15 s left is skipped and reported; each step runs even if an earlier one failed;
 # the exit status is non-zero if any step failed or was skipped):
 #   env + build (C++ extension, ninja)              ~1.5 min
-#   cuda-tests: tests/test_cuda.py + the CUDA tests of test_logprob / test_validation                ~1 min
+#   cuda-tests: tests/ops/test_cuda.py + the CUDA tests of test_logprob / test_validation                ~1 min
 #   bench-ihl: fastunlearn + eager at the three shapes, test_targets_cuda (copy timed in the same run) ~40 s
 #   bench-fisher: Triton / torch / loop / vmap, peak extra CUDA memory, targets     ~30 s
 #   real-shape: benchmarks/ops/gpu_real_shape.py (SmolLM2-135M shape, RANDOM weights)   ~1 min
@@ -57,10 +57,10 @@ if ! timeout 240 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/
   FASTUNLEARN_SKIP_CSRC_BUILD=1 timeout 60 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
 fi
 step import 30 $PY -c 'import fastunlearn as f; print("csrc", f.has_csrc(), "triton", f.has_triton())'
-step cuda-tests 120 pytest_to tests_cuda.log tests/test_cuda.py tests/test_logprob.py tests/test_validation.py -k "cuda or device_mismatch"
+step cuda-tests 120 pytest_to tests_cuda.log tests/ops/test_cuda.py tests/ops/test_logprob.py tests/ops/test_validation.py -k "cuda or device_mismatch"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$gpus" -ge 2 ]; then  # DDP / FSDP2 / Fisher / FILA over NCCL, two processes against one (appended)
-  FASTUNLEARN_TEST_DIST_DEVICE=cuda step two-gpus 120 pytest_to tests_cuda.log tests/test_distributed.py
+  FASTUNLEARN_TEST_DIST_DEVICE=cuda step two-gpus 120 pytest_to tests_cuda.log tests/engine/test_distributed.py
 else
   echo "=== two-gpus: NOT RUN - this machine has $gpus GPU(s); the two-process run needs 2"
 fi

@@ -19,7 +19,7 @@ where the chunk's temporaries then stay in cache, 2**22 on a GPU, where fewer, l
 the output the work holds one chunk's float32 copy and temporaries: at most ``extra_bytes_bound(fmt, chunk)``, i.e.
 ``EXTRA_BYTES_PER_ELEMENT`` (32 bytes; 128 for the K-quants, whose search keeps a dozen chunk-sized tensors) per
 chunk element plus 4 MB, whatever the model's size: 6 MB / 12 MB at the CPU default, 132 MB / 516 MB on a GPU
-(benchmarks/bench_quant.py measures it). A weight must have a last dimension that is a multiple of the block size
+(benchmarks/ops/bench_quant.py measures it). A weight must have a last dimension that is a multiple of the block size
 (the format's rows are its rows); a non-contiguous weight is copied once. Non-finite weights are refused
 (ValueError) before anything is computed.
 """

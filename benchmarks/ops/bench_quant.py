@@ -1,7 +1,7 @@
 """Round trip dequantize(quantize(W)) of a Llama-2-7B layer stack: fastunlearn.ops.quant vs gguf-py's NumPy path.
 
-    pytest benchmarks/bench_quant.py --benchmark-enable --benchmark-json=bench.json
-    python benchmarks/bench_quant.py --peak fastunlearn q4_1 11008 4096    # one peak-memory measurement
+    pytest benchmarks/ops/bench_quant.py --benchmark-enable --benchmark-json=bench.json
+    python benchmarks/ops/bench_quant.py --peak fastunlearn q4_1 11008 4096    # one peak-memory measurement
 
 The stack: 32 decoder layers of Llama-2-7B (hidden 4096, intermediate 11008), each q, k, v, o (4096 x 4096),
 gate, up (11008 x 4096) and down (4096 x 11008): 202.4 M weights a layer, 6.48 G in all (embeddings left out),
