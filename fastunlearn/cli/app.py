@@ -35,7 +35,7 @@ EXAMPLES = """examples:
 # Exceptions that mean the input or the environment is wrong (exit 2). Anything else is a runtime failure (3).
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                 PermissionError, ImportError)  # fmt: skip
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 RESUMABLE = ("unlearn", "finetune")  # commands with an OUT run directory that a rerun resumes
 
 
@@ -83,13 +83,34 @@ def _error_log(args: argparse.Namespace, argv: list[str]) -> Path | None:
         return None
 
 
+def write_failure(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, file name or None) when ``exc``, or an exception it was raised from, is a write that found no
+    space (``DISK_FULL``): an OSError, or another library's error saying so (safetensors' SafetensorError is no
+    OSError: its message holds the system's text, e.g. "No space left on device (os error 28)"); else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc.errno, exc.filename
+        text = str(exc)
+        for code in DISK_FULL:
+            if os.strerror(code) in text or f"os error {code})" in text:
+                return code, None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _runtime_failure(args: argparse.Namespace, argv: list[str], exc: Exception) -> str:
-    """The one line for exit status 3; a full disk names the output being written."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-        where = exc.filename or getattr(args, "out", None) or getattr(args, "json", None) or "the output"
-        message = f"{os.strerror(exc.errno)} writing {where}"
+    """The one line for exit status 3; a full disk (any library's error) names the output being written."""
+    full = write_failure(exc)
+    if full is not None:
+        code, filename = full
+        where = getattr(args, "out", None) or getattr(args, "json", None) or filename or "the output"  # not a temporary
+        message = f"{os.strerror(code)} writing {where}"
         if args.command in RESUMABLE:
             message += " (free space, then the same command resumes from the last finished epoch)"
+        else:
+            message += " (free space, then run the same command again)"
     else:
         message = f"{type(exc).__name__}: {_one_line(exc)}"
     log = _error_log(args, argv)

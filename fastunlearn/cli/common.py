@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 EXIT_STATUS = """exit status:
-  0    forgotten (unlearn, demo: the criterion was met); done (finetune, eval, info)
+  0    forgotten (unlearn, demo: the criterion was met); done (finetune, eval, info); a finished run, rerun,
+       prints "already finished" and exits with its own status (remove OUT to run it again)
   1    not forgotten: the run finished without meeting the criterion (its report says why)
   2    usage or input error: a bad option, a missing or unreadable file, a model or data that cannot be used
   3    runtime failure (a bug, a full disk): the traceback is in OUT/.fastunlearn/error.log once unlearn has
-       written to OUT, else in a temporary file; the one line on stderr names it
+       written to OUT, else in a temporary file; the one line on stderr names it (a full disk: the output, and
+       that the same command resumes)
   130  interrupted (Ctrl-C); unlearn and finetune resume from its last finished epoch with the same command
 """
 DEFAULT_SEQ_LEN = 200  # the paper's 200-token sequences
@@ -42,6 +44,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def seq_len(args: argparse.Namespace) -> int:
     """``--seq-len`` for text sets (200 when not given; ``--qa`` sets then pad to their longest pair)."""
     return DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
+
+
+def check_seq_len(model, value: int | None, default: int | None) -> None:
+    """``--seq-len`` (``value``, else the command's ``default``; None: each set's own length, checked by the
+    engine) against the positions the model's config declares: exit 2 before any data is tokenized."""
+    from fastunlearn.utils.validate import max_positions
+
+    length, limit = (value if value is not None else default), max_positions(model)
+    if length is not None and limit is not None and length > limit:
+        given = f"--seq-len {value}" if value is not None else f"--seq-len (default {default})"
+        raise ValueError(f"{given} is longer than the model's {limit} positions: give --seq-len {limit} or less")
 
 
 def named_sources(specs: list[str] | None, flag: str) -> dict[str, str]:

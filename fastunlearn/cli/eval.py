@@ -18,14 +18,17 @@ import json
 from pathlib import Path
 
 from fastunlearn.cli.common import (
+    DEFAULT_SEQ_LEN,
     TEMPLATE_HELP,
     TEMPLATES,
     add_model_args,
+    check_seq_len,
     check_writable_file,
     load_model,
     named_sources,
     seq_len,
 )
+from fastunlearn.utils.atomic import atomic_write
 
 
 def add_parser(sub) -> None:
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
     results = {}
     if sets:
+        check_seq_len(model, args.seq_len, DEFAULT_SEQ_LEN)
         tokens = {
             name: tokenize_sequences(load_texts(source, text_field=args.text_field, role=f"{name} set"), tokenizer,
                                      seq_len=seq_len(args), role=f"{name} set").input_ids
@@ -102,9 +106,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(("\n" if sets else "") + downstream.to_markdown())
         results["lm_eval"] = downstream.to_dict()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.json:  # atomically: a full disk leaves the file as it was, never a partial one
+        atomic_write(Path(args.json), json.dumps(results, indent=1))
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastunlearn.cli.common import TEMPLATE_HELP, TEMPLATES, load_model
+from fastunlearn.cli.common import TEMPLATE_HELP, TEMPLATES, check_seq_len, load_model
 
 EXAMPLE = """example (TOFU's target model: every author, 5 epochs, batch 32, lr 1e-5, one epoch of warmup):
   fastunlearn finetune --model microsoft/phi-1_5 --data tofu_full.json --qa --template plain \\
@@ -66,6 +66,7 @@ def load_data(args: argparse.Namespace, tokenizer):
 
 def run(args: argparse.Namespace) -> int:
     from fastunlearn.engine.finetune import FinetuneConfig, finetune, fmt_loss
+    from fastunlearn.engine.outdir import RunFinished
     from fastunlearn.engine.progress import log_to_terminal
 
     config = FinetuneConfig(
@@ -76,8 +77,15 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     log_to_terminal()
     model, tokenizer = load_model(args.model, args.dtype)
+    check_seq_len(model, args.seq_len, None if args.qa else TEXT_SEQ_LEN)
     data = load_data(args, tokenizer)
-    result = finetune(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
+    try:
+        result = finetune(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
+    except RunFinished:  # a rerun of a finished command: nothing redone
+        print(
+            f"already finished: model in {args.out}/model (to run it again, remove {args.out} or choose another --out)"
+        )
+        return 0
     last = fmt_loss(result.log["epochs"][-1]["loss"])
     print(f"fine-tuned: {len(result.log['steps'])} steps, final epoch loss {last}; model in {result.model_dir}")
     return 0

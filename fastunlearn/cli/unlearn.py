@@ -7,10 +7,12 @@ import argparse
 import math
 
 from fastunlearn.cli.common import (
+    DEFAULT_SEQ_LEN,
     EXIT_STATUS,
     TEMPLATE_HELP,
     TEMPLATES,
     add_model_args,
+    check_seq_len,
     load_model,
     named_sources,
     seq_len,
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from fastunlearn.engine import UnlearnConfig, unlearn
+    from fastunlearn.engine.outdir import RunFinished
     from fastunlearn.engine.progress import log_to_terminal
     from fastunlearn.utils.distributed import current, init_from_env
 
@@ -114,9 +117,17 @@ def run(args: argparse.Namespace) -> int:
         device = "cpu"  # FSDP moves each block to this rank's GPU as it shards it (FILA's setup needs the model whole)
     try:
         model, tokenizer = load_model(args.model, args.dtype, device)
+        check_seq_len(model, args.seq_len, None if args.qa and not utility else DEFAULT_SEQ_LEN)
         data = unlearning_data(args, tokenizer, utility)  # text, or with --qa question/answer pairs
-        result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
         is_main = current().is_main
+        try:
+            result = unlearn(model, data, config, args.out, tokenizer=tokenizer, resume=not args.no_resume)
+        except RunFinished as done:  # a rerun of a finished command: its outcome, nothing redone
+            success = done.log.get("success") is True
+            if is_main:
+                print(f"already finished: {'forgotten' if success else 'NOT forgotten'}: report in {args.out}/"
+                      f"report.md (to run it again, remove {args.out} or choose another --out)")  # fmt: skip
+            return 0 if success else 1
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -117,6 +117,11 @@ def load_qa(
     ``perturbed_answer`` (a string or a list) are read when present. Errors name the file and record."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.suffix not in (".json", ".jsonl") and (path.is_file() or path.suffix.lower() in (".txt", ".csv")):
+            what = "" if path.exists() else " (not found)"
+            raise ValueError(f"{role} file {path}{what} is {path.suffix}, not a question/answer format: give .json "
+                             "(a list of objects, or one per line) or .jsonl records with question and answer fields, "
+                             "or a datasets folder")  # fmt: skip
         if path.suffix in (".json", ".jsonl"):
             if not path.is_file():
                 raise ValueError(f"{role} file not found: {path}")

@@ -103,9 +103,35 @@ def _read_file(path: Path, suffix: str, text_field: str, role: str) -> list[str]
         raise ValueError(f"{role} file {path} cannot be read: {err.strerror}") from None
 
 
+# The data file formats ``datasets.load_dataset`` reads from a local folder, by extension: a folder is one
+# dataset of one format, so a folder holding two of them is refused, naming a file of each.
+FOLDER_FORMATS = {".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+                  ".parquet": "parquet", ".arrow": "arrow"}  # fmt: skip
+
+
+def check_data_folder(path: Path, role: str) -> None:
+    """ValueError naming ``role`` and the files when folder ``path`` (not a ``save_to_disk`` folder) holds data
+    files of more than one format (``FOLDER_FORMATS``; hidden files and folders are not read), or none."""
+    formats: dict[str, Path] = {}
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            fmt = FOLDER_FORMATS.get(Path(name).suffix.lower())
+            if fmt is not None and not name.startswith("."):
+                formats.setdefault(fmt, Path(folder) / name)
+    if len(formats) > 1:
+        found = ", ".join(f"{file} ({fmt})" for fmt, file in formats.items())
+        raise ValueError(f"{role} folder {path} holds files of {len(formats)} formats ({found}): a folder is read as "
+                         "one dataset of one format; give one file, or a folder of one format")  # fmt: skip
+    if not formats:
+        raise ValueError(f"{role} folder {path} holds no data file ({', '.join(FOLDER_FORMATS)}) and is not a "
+                         "datasets save_to_disk folder")  # fmt: skip
+
+
 def _load_dataset(source: str, split: str, config: str | None, role: str):
     """A ``datasets.Dataset``: a ``save_to_disk`` folder (its ``split`` if it holds several), a local data folder
-    or a Hub name (HF_HUB_OFFLINE=1 restricts the latter to the local cache)."""
+    (``check_data_folder``; a file it cannot read is a ValueError naming the folder) or a Hub name
+    (HF_HUB_OFFLINE=1 restricts the latter to the local cache)."""
     try:
         import datasets
     except ImportError:
@@ -118,7 +144,15 @@ def _load_dataset(source: str, split: str, config: str | None, role: str):
                 raise ValueError(f"{role} dataset {source} has no split {split!r}; available: {', '.join(dataset)}")
             dataset = dataset[split]
         return dataset
-    return datasets.load_dataset(str(source), config, split=split)
+    if not path.is_dir():
+        return datasets.load_dataset(str(source), config, split=split)
+    check_data_folder(path, role)
+    try:
+        return datasets.load_dataset(str(source), config, split=split)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise ValueError(f"{role} folder {path} cannot be read as a dataset ({reason})") from None
 
 
 def _read_dataset(source: str, text_field: str, split: str, config: str | None, role: str) -> list[str]:

@@ -10,18 +10,21 @@ A save writes version N+1 in a temporary folder, fsyncs it, renames it into plac
 (temporary file, fsync, ``os.replace``) and only then removes the older versions: at every instant a complete
 version exists and the pointer names one (or, before the first pointer, none is needed). A resume takes the
 pointer's version; with the pointer missing or unreadable (a kill before the first one was written, a damaged
-disk), the newest version that verifies. A version that fails its manifest (a flipped byte, a truncated or
-garbled file) is a one-line :class:`CheckpointError` naming the file; the pointer's version is never replaced
-by an older one silently. A resume with another model (another fingerprint) is refused. A version is removed
-manifest first: the remains of a removal a kill interrupted are not a version to resume.
+disk), the newest complete version, with a warning. A damaged checkpoint is a one-line :class:`CheckpointError`
+naming the file: a version that fails its manifest (a flipped byte, a truncated or garbled file), the pointer's
+version without its manifest or folder, versions without a complete one; a resume never falls back to an older
+version. A resume with another model (another fingerprint) is refused. A version is removed manifest first:
+the remains of a removal a kill interrupted are not a version to resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,9 @@ MANIFEST = "manifest.json"
 FILES = ("state.safetensors", "state.json")  # what the manifest covers
 VERSION = re.compile(r"checkpoint-(\d{6,})")
 FORMAT = 2
+
+logger = logging.getLogger("fastunlearn.engine")
+SameRun = Callable[[dict, str], "str | None"]  # (a finished run's log, model fingerprint) -> what differs, or None
 
 
 class CheckpointError(ValueError):
@@ -149,10 +155,10 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-def _refusal(file: Path, why: str) -> CheckpointError:
-    out = file.parent.parent.parent  # OUT/.fastunlearn/checkpoint-NNNNNN/file
-    return CheckpointError(f"checkpoint file {str(file)!r} is {why}: cannot resume; remove out_dir {str(out)!r} "
-                           f"to start fresh")  # fmt: skip
+def _refusal(file: Path, why: str, out: Path | None = None) -> CheckpointError:
+    out = out or file.parent.parent.parent  # OUT/.fastunlearn/checkpoint-NNNNNN/file
+    return CheckpointError(f"checkpoint file {str(file)!r} is {why}: the interrupted run's checkpoint is damaged, "
+                           f"cannot resume; remove out_dir {str(out)!r} to start fresh")  # fmt: skip
 
 
 def _reason(exc: BaseException) -> str:
@@ -166,23 +172,30 @@ def _pointer(out: Path) -> int | None:
         version = json.loads((out / PRIVATE / POINTER).read_bytes())["version"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return version if isinstance(version, int) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
 
 
 def latest(out: Path) -> tuple[int, dict] | None:
-    """(version, manifest) of the checkpoint to resume, verified; None when OUT holds none."""
-    found = versions(out)
-    named = _pointer(out)
-    if named in found:
-        return named, verify(found[named])
-    first_error = None
-    for version in sorted(found, reverse=True):  # no usable pointer: the newest version that verifies
-        try:
-            return version, verify(found[version])
-        except CheckpointError as exc:
-            first_error = first_error or exc
-    if first_error is not None:
-        raise first_error
+    """(version, manifest) of the checkpoint to resume, verified; None when OUT holds none; CheckpointError
+    naming the file when it is damaged (never an older version instead)."""
+    found, every = versions(out), versions(out, complete=False)
+    named, pointer = _pointer(out), out / PRIVATE / POINTER
+    if named is not None:
+        if named in found:
+            return named, verify(found[named])
+        folder = out / PRIVATE / f"checkpoint-{named:06d}"
+        missing = folder / MANIFEST if folder.is_dir() else folder
+        raise _refusal(missing, f"missing (the pointer {str(pointer)!r} names version {named})", out)
+    if found:  # no usable pointer: a kill before the first one, or a damaged disk
+        newest = max(found)
+        if pointer.exists():
+            logger.warning("checkpoint pointer %s is unreadable: resuming from the newest complete version, %s",
+                           pointer, found[newest])  # fmt: skip
+        return newest, verify(found[newest])
+    if every:  # versions, none complete: their manifests are gone
+        raise _refusal(every[max(every)] / MANIFEST, "missing", out)
+    if pointer.exists():
+        raise _refusal(pointer, "unreadable and no checkpoint version is left", out)
     return None
 
 
@@ -195,14 +208,17 @@ def load(out: Path, version: int) -> tuple[dict, dict]:
         raise _refusal(path / "state.safetensors", f"unreadable ({_reason(exc)})") from None
 
 
-def prepare_out_dir_on_all_ranks(out: Path, resume: bool, process, model: nn.Module) -> Prepared:
+def prepare_out_dir_on_all_ranks(out: Path, resume: bool, process, model: nn.Module,
+                                 same_run: SameRun | None = None) -> Prepared:  # fmt: skip
     """Rank 0 claims out_dir (``outdir.claim``: checks, lock, marker) and finds the checkpoint to resume;
     an error there is raised on every rank; then the other ranks read the same version. Resuming on several
-    processes needs out_dir on a shared file system."""
+    processes needs out_dir on a shared file system. An out_dir holding a finished run: ``outdir.RunFinished``
+    when ``same_run(its log, this model's fingerprint)`` finds no difference, else a refusal saying what
+    differs."""
     prepared, error = None, None
     if process.is_main:
         try:
-            prepared = _prepare_main(out, resume, model)
+            prepared = _prepare_main(out, resume, model, same_run)
         except (OSError, ValueError) as exc:
             error = exc
     dist_utils.raise_together(error)
@@ -214,7 +230,10 @@ def prepare_out_dir_on_all_ranks(out: Path, resume: bool, process, model: nn.Mod
     return Prepared(None, None, version, *load(out, version)) if version else Prepared(None, None)
 
 
-def _prepare_main(out: Path, resume: bool, model: nn.Module) -> Prepared:
+def _prepare_main(out: Path, resume: bool, model: nn.Module, same_run: SameRun | None) -> Prepared:
+    finished = outdir.finished_log(out) if out.is_dir() else None
+    if finished is not None:
+        _finished(out, finished, model_fingerprint(model), same_run)
     lock = outdir.claim(out)
     try:
         if has_checkpoint(out) and not resume:
@@ -238,6 +257,29 @@ def _prepare_main(out: Path, resume: bool, model: nn.Module) -> Prepared:
     except BaseException:
         lock.release()
         raise
+
+
+def _finished(out: Path, log: dict, fingerprint: str, same_run: SameRun | None) -> None:
+    """out_dir holds a finished run: RunFinished when it is this one (then the remains of its PRIVATE, when a
+    kill interrupted their removal, are removed), else OutDirError saying what differs."""
+    try:
+        differs = "run" if same_run is None else same_run(log, fingerprint)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        differs = "run (a log.json this version cannot compare)"
+    if differs is not None:
+        raise outdir.OutDirError(f"out_dir {str(out)!r} holds a finished run with another {differs}: choose a new "
+                                 f"or empty out_dir")  # fmt: skip
+    state = outdir.private_state(out)
+    if state == "ours":
+        lock = outdir.claim(out)
+        try:
+            remove_checkpoints(out)
+            outdir.remove_private(out)
+        finally:
+            lock.release()
+    elif state == "unclaimed":  # a kill removing PRIVATE left it empty
+        outdir.remove_private(out)
+    raise outdir.RunFinished(out, log)
 
 
 def load_params_and_rng(model: nn.Module, saved: dict, generator: torch.Generator) -> None:

@@ -47,7 +47,14 @@ from fastunlearn.lora.export import save_merged_model
 from fastunlearn.losses import retain_term
 from fastunlearn.utils import distributed as dist_utils
 from fastunlearn.utils.atomic import atomic_directory
-from fastunlearn.utils.validate import check_bool, check_choice, check_int, check_number, check_token_ids
+from fastunlearn.utils.validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positions,
+    check_token_ids,
+)
 
 SCHEDULES = ("linear", "constant")
 MODEL_DIR = "model"
@@ -182,6 +189,7 @@ def _check_inputs(model, data, config) -> None:
     if len(data) == 0 or int(count_targets(data.input_ids, data.attention_mask, data.labels)) == 0:
         raise ValueError("data has no next-token targets to train on")
     check_token_ids("data", data.input_ids, model)
+    check_positions("data's rows (seq_len)", data.input_ids.shape[-1], model)
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"model must be a transformers PreTrainedModel (it is saved with save_pretrained), got "
                          f"{type(model).__name__}")  # fmt: skip
@@ -189,7 +197,8 @@ def _check_inputs(model, data, config) -> None:
         raise ValueError("finetune runs in one process; launch it without torchrun")
 
 
-def _new_log(model: nn.Module, data: SequenceSet, cfg: FinetuneConfig, steps: int, warmup: int) -> dict:
+def _new_log(model: nn.Module, data: SequenceSet, cfg: FinetuneConfig, steps: int, warmup: int,
+             fingerprint: str | None) -> dict:  # fmt: skip
     return {
         "status": "running",
         "config": cfg.to_dict(),
@@ -203,6 +212,7 @@ def _new_log(model: nn.Module, data: SequenceSet, cfg: FinetuneConfig, steps: in
         "model": {
             "class": type(model).__name__,
             "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
+            "fingerprint": fingerprint,  # inputs.model_fingerprint of the model as given
         },
         "steps_per_epoch": steps,
         "total_steps": steps * cfg.epochs,
@@ -223,6 +233,15 @@ def _check_resume(log: dict, data: SequenceSet, cfg: FinetuneConfig) -> None:
         raise ValueError("the checkpoint in out_dir was made with different data: cannot resume")
 
 
+def _finished_differs(log: dict, fingerprint: str, data: SequenceSet, cfg: FinetuneConfig) -> str | None:
+    """What differs between a finished fine-tuning's log and this one (config, data, model), or None."""
+    if log["config"] != cfg.to_dict():
+        return f"config (fields {sorted(k for k in cfg.to_dict() if log['config'].get(k) != cfg.to_dict()[k])})"
+    if log["data"]["fingerprint"] != data_fingerprint(data):
+        return "data"
+    return None if log["model"].get("fingerprint") == fingerprint else "model"
+
+
 def finetune(
     model: nn.Module,
     data: SequenceSet,
@@ -239,13 +258,16 @@ def finetune(
     ``out_dir`` must be missing, empty, or hold the checkpoint of an interrupted run (resumed when ``resume``:
     pass the same model as first given, data and config; each is checked). Refusals are one-line ValueErrors
     (``outdir.OutDirError``, ``checkpoint.CheckpointError``) before any compute. ``on_epoch_end(epoch,
-    record)`` runs after each epoch's checkpoint is written (epoch 1-based).
+    record)`` runs after each epoch's checkpoint is written (epoch 1-based). ``out_dir`` holding this fine-tuning
+    finished (same model, data and config) raises ``outdir.RunFinished`` and changes nothing.
     """
     cfg = config
     _check_inputs(model, data, cfg)
     out = Path(out_dir)
     process = dist_utils.current()
-    prepared = checkpoint.prepare_out_dir_on_all_ranks(out, resume, process, model)
+    prepared = checkpoint.prepare_out_dir_on_all_ranks(
+        out, resume, process, model, lambda log, fp: _finished_differs(log, fp, data, cfg)
+    )
     try:
         return _run(model, data, cfg, out, tokenizer, prepared, on_epoch_end)
     finally:
@@ -262,7 +284,7 @@ def _run(model, data, cfg: FinetuneConfig, out: Path, tokenizer, prepared, on_ep
         _check_resume(log, data, cfg)
         log["resumes"] += 1
     else:
-        log = _new_log(model, data, cfg, steps, warmup)
+        log = _new_log(model, data, cfg, steps, warmup, prepared.fingerprint)
     before = log["seconds"]
     if cfg.dtype is not None:
         model.to(DTYPES[cfg.dtype])
@@ -304,7 +326,7 @@ def _run(model, data, cfg: FinetuneConfig, out: Path, tokenizer, prepared, on_ep
         if on_epoch_end is not None:
             on_epoch_end(epoch, summary)
     model.eval()
-    with atomic_directory(out / MODEL_DIR, overwrite=True) as tmp:
+    with atomic_directory(out / MODEL_DIR, keep=True) as tmp:  # a file of yours in OUT/model stays
         save_merged_model(model, tmp, overwrite=True)  # no adapters: the model's own weights
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -5,6 +5,7 @@ no embedding for), and fingerprints that a resume must match."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from fastunlearn.data.labels import count_targets
 from fastunlearn.data.text import SequenceSet, UnlearningData
 from fastunlearn.engine.config import UnlearnConfig
-from fastunlearn.utils.validate import check_token_ids
+from fastunlearn.utils.validate import check_positions, check_token_ids
 
 
 def set_name(task: int, n_tasks: int) -> str:
@@ -156,8 +157,8 @@ def check_heldout_overlap(tasks: list[SequenceSet], heldout: SequenceSet) -> Non
 def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet | None,
                 heldout: SequenceSet | None, utility: dict[str, SequenceSet] | None = None) -> None:  # fmt: skip
     """Before any compute: ValueError naming the first parameter with a NaN / inf value (a host sync per
-    parameter, once per run), or the first set with a token id (or label other than -100) outside the model's
-    input embedding rows."""
+    parameter, once per run), the first set with a token id (or label other than -100) outside the model's
+    input embedding rows, or with rows longer than the model's positions."""
     for name, param in model.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
             n_nan, n_inf = int(torch.isnan(param).sum()), int(torch.isinf(param).sum())
@@ -169,6 +170,7 @@ def check_model(model: nn.Module, tasks: list[SequenceSet], retain: SequenceSet 
     sets += [(f"utility set {name}", seqs) for name, seqs in (utility or {}).items()]
     for name, seqs in [*sets, ("retain set", retain), ("held-out set", heldout)]:
         if seqs is not None:
+            check_positions(f"{name}'s rows (seq_len)", seqs.input_ids.shape[-1], model)
             if seqs.input_ids.numel():
                 check_token_ids(name, seqs.input_ids, model)
             scored = None if seqs.labels is None else seqs.labels[seqs.labels != -100]  # -100: not scored
@@ -214,18 +216,25 @@ FINGERPRINT_FULL_BYTES = 256 * 2**20  # models up to this size hash every weight
 FINGERPRINT_SAMPLE = 4096  # elements hashed per tensor of a larger model (evenly spaced, deterministic)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's config and its weights as given (before any adapter), so a resume or a cached
-    baseline can tell another model from this one.
+# Config keys that name where a model was loaded from or which library wrote it, not what it is: left out of the
+# fingerprint, so a copy of a model, or the same model by another path, is the same model.
+NOT_ARCHITECTURE = ("_name_or_path", "_commit_hash", "transformers_version")
 
-    Every parameter and buffer name, shape and dtype is hashed; their values in full up to
-    ``FINGERPRINT_FULL_BYTES`` of weights, else ``FINGERPRINT_SAMPLE`` evenly spaced elements of each tensor
-    (a deterministic sample: a changed fine-tune shows in it; one flipped weight may not).
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's architecture (class and config) and its weights as given (before any adapter), so a
+    resume or a cached baseline can tell another model from this one, and not a copy or another path of it.
+
+    The config's fields but ``NOT_ARCHITECTURE`` (and private ``_*`` keys) are hashed, then every parameter and
+    buffer name, shape and dtype; their values in full up to ``FINGERPRINT_FULL_BYTES`` of weights, else
+    ``FINGERPRINT_SAMPLE`` evenly spaced elements of each tensor (a deterministic sample: a changed fine-tune shows
+    in it; one flipped weight may not).
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):
+        fields = {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE and not k.startswith("_")}
+        digest.update(json.dumps(fields, sort_keys=True, default=repr).encode())
     digest.update(type(model).__name__.encode())
     tensors = dict(model.named_parameters())
     tensors.update({f"buffer:{n}": b for n, b in model.named_buffers()})

@@ -26,9 +26,10 @@ def export_models(model: nn.Module, cfg: UnlearnConfig, out: Path, tokenizer) ->
         outputs["adapter"] = "adapter"
     if not dist_utils.current().is_main:
         return outputs
-    if cfg.params != "full":
-        save_peft_adapter(model, out / "adapter", overwrite=True)
-    with atomic_directory(out / "merged", overwrite=True) as tmp:
+    if cfg.params != "full":  # keep=True: a file of yours in adapter/ or merged/ stays (engine.outdir)
+        with atomic_directory(out / "adapter", keep=True) as tmp:
+            save_peft_adapter(model, tmp, overwrite=True)
+    with atomic_directory(out / "merged", keep=True) as tmp:
         save_merged_model(model, tmp, overwrite=True)  # with params="full" there is nothing to merge
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -64,7 +64,8 @@ class Clock:
         return seconds
 
 
-def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, utility, device) -> RunLog:
+def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, utility, device,
+            fingerprint: str | None = None) -> RunLog:  # fmt: skip
     trainable, total, percent = trainable_parameters(model)
     data = DataInfo(
         forget=[len(t) for t in tasks],
@@ -85,6 +86,7 @@ def new_log(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, utilit
         trainable_params=trainable,
         total_params=total,
         trainable_percent=percent,
+        fingerprint=fingerprint,
     )
     return RunLog(status="running", config=cfg.to_dict(), learning_rate=cfg.learning_rate, data=data, model=info)
 
@@ -96,6 +98,20 @@ def check_resume(log: RunLog, cfg: UnlearnConfig, tasks, retain, heldout, utilit
     if log.data.fingerprint != data_fingerprint(tasks, retain, heldout, utility):
         raise ValueError("the checkpoint in out_dir was made with different data (forget, retain, held-out or "
                          "utility sets): cannot resume")  # fmt: skip
+
+
+def finished_differs(log: dict, fingerprint: str, cfg: UnlearnConfig, tasks, retain, heldout, utility) -> str | None:
+    """What differs between a finished run's log and this run (config, data, model), or None: the same run."""
+    config = cfg.to_dict()
+    if log["config"] != config:
+        return (
+            f"config (fields {sorted(k for k in {*log['config'], *config} if log['config'].get(k) != config.get(k))})"
+        )
+    if log["data"]["fingerprint"] != data_fingerprint(tasks, retain, heldout, utility):
+        return "data (forget, retain, held-out or utility sets)"
+    if log["model"].get("fingerprint") != fingerprint:
+        return "model" if log["model"].get("fingerprint") else "model, or a log.json without the model's fingerprint"
+    return None
 
 
 class UnlearnRecipe:
@@ -139,7 +155,7 @@ class UnlearnRecipe:
         check_model(
             model, self.tasks, self.retain, self.heldout, self.utility
         )  # NaN weights, token ids: before any compute
-        prepared = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process, model)
+        prepared = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process, model, self.same_run)
         self.lock, self.fingerprint = prepared.lock, prepared.fingerprint  # rank 0's
         self.saved = prepared.saved
         self.log = None if prepared.log is None else RunLog.from_dict(prepared.log)  # read as the checkpoint loaded
@@ -165,7 +181,8 @@ class UnlearnRecipe:
         self.device = next(model.parameters()).device  # FSDP moves a CPU model to this rank's GPU as it shards
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in shards
         if self.saved is None:
-            self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.utility, self.device)
+            self.log = new_log(model, cfg, self.tasks, self.retain, self.heldout, self.utility, self.device,
+                               self.fingerprint)  # fmt: skip
             self.lap("setup_s")
             cache = HeldoutCache(self.fingerprint, self.heldout, cfg, self.device) if cached else None
             before, self.log.criterion, source = evaluation.baseline(
@@ -188,6 +205,9 @@ class UnlearnRecipe:
             cfg.learning_rate, cfg.stop, _fmt(crit["ma"]), cfg.el_n, _fmt(crit["el"]),
             " | resumed from the checkpoint" if self.saved else "",
         )  # fmt: skip
+
+    def same_run(self, log: dict, fingerprint: str) -> str | None:
+        return finished_differs(log, fingerprint, self.cfg, self.tasks, self.retain, self.heldout, self.utility)
 
     def save_checkpoint(self, optimizer) -> None:
         checkpoint.save_checkpoint(self.out, self.model, optimizer, self.generator, self.log.to_dict(),
@@ -324,7 +344,9 @@ def unlearn(
     ``out_dir`` must be empty or missing, unless it holds the checkpoint of an interrupted run and ``resume``
     (then pass the same, unmodified model, data and config: each is checked); it is locked while the run
     lasts. Refusals are one-line errors (``outdir.OutDirError``, ``checkpoint.CheckpointError``, ValueError)
-    raised before any compute. ``tokenizer`` is saved with the merged model.
+    raised before any compute. ``out_dir`` holding this run finished (same model, data and config: a rerun)
+    raises ``outdir.RunFinished`` (an OutDirError; its ``log`` is the finished run's) and changes nothing.
+    ``tokenizer`` is saved with the merged model.
     Two hooks, one of each kind:
 
     - ``on_epoch_end(task_index, epoch_record)``: a callback (progress, early interruption) run after each epoch's

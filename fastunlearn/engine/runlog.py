@@ -96,6 +96,9 @@ class ModelInfo(Record):
     trainable_params: int
     total_params: int
     trainable_percent: float
+    fingerprint: str | None = None  # inputs.model_fingerprint of the model as given (a rerun recognizes its run)
+
+    OPTIONAL = ("fingerprint",)
 
 
 @dataclass

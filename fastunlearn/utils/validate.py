@@ -4,7 +4,8 @@ Argument checks: ``is_int`` / ``is_number`` (predicates) and ``check_int``, ``ch
 ``check_bool``, ``check_choice`` (raise). A wrong type raises :class:`ArgumentTypeError`, both a TypeError and a
 ValueError; a wrong value raises ValueError.
 
-Token ids against a model: ``check_token_ids`` (every id one the model's input embeddings can look up).
+Token ids against a model: ``check_token_ids`` (every id one the model's input embeddings can look up) and
+``check_positions`` (no sequence longer than the positions its config declares).
 
 Tensor checks for the losses:
 
@@ -109,6 +110,29 @@ def check_token_ids(name: str, ids: object, model: object) -> torch.Tensor:
             "were the ids made by this model's tokenizer?"
         )
     return ids.long().cpu()
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # where a config gives its positions
+
+
+def max_positions(model: object) -> int | None:
+    """The number of positions ``model``'s config declares (``POSITION_KEYS``, the first that is set), or None."""
+    config = getattr(model, "config", None)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if is_int(value) and value > 0:
+            return value
+    return None
+
+
+def check_positions(name: str, length: int, model: object) -> None:
+    """ValueError naming ``name`` when ``length`` tokens are more than the positions ``model`` declares (its
+    position embeddings would be indexed out of range, or a rotary model run past its trained context)."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{name} is {length} tokens, longer than the model's {limit} positions "
+                         f"(config.{next(k for k in POSITION_KEYS if getattr(model.config, k, None) == limit)}): "
+                         f"use {limit} tokens or fewer")  # fmt: skip
 
 
 def check_float_tensor(name: str, t: object, min_dim: int = 1, *, float64: bool = False) -> None:

@@ -112,7 +112,7 @@ def test_only_the_runs_own_folder_is_cleaned_and_user_files_in_a_run_dir_stay(tm
 def test_a_finished_run_keeps_only_its_outputs_and_is_not_run_again(tmp_path, reference):
     out = reference.out_dir
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.json", "merged", "metrics.png", "report.md"]
-    with pytest.raises(FileExistsError, match="is not empty and holds no checkpoint to resume"):
+    with pytest.raises(outdir.RunFinished, match="holds this run, already finished"):
         run(out)
 
 
@@ -190,8 +190,9 @@ def test_a_kill_at_any_filesystem_step_of_the_checkpoint_resumes_to_the_uninterr
         outputs_written = (out / "report.md").exists()
         try:
             result = run(out)  # the same call again, as after a kill
-        except FileExistsError as error:  # killed after the checkpoint went: the outputs are complete
-            assert outputs_written and "is not empty and holds no checkpoint to resume" in str(error)
+        except outdir.RunFinished:  # killed after the outputs were complete: the rerun says so, removes the rest
+            assert outputs_written
+            assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.json", "merged", "report.md"]
             assert epochs(json.loads((out / "log.json").read_text())) == epochs(reference.log)
             adapter = "adapter/adapter_model.safetensors"
             got, expected = load_file(out / adapter), load_file(reference.out_dir / adapter)

@@ -231,8 +231,10 @@ def test_cli_finetunes_qa_and_writes_a_loadable_model(workspace, capsys):
     assert AutoTokenizer.from_pretrained(out / "model")("w1 w2")["input_ids"] == [7, 8]
     trained = dict(model.named_parameters())
     assert any(not torch.equal(trained[n], p) for n, p in tiny_model("gpt_neo").named_parameters())
-    assert run_cli(workspace, out, "--data", str(workspace / "qa.json"), "--qa") == 2  # a finished run: refused
-    assert "not empty" in capsys.readouterr().err
+    assert run_cli(workspace, out, "--data", str(workspace / "qa.json"), "--qa") == 0  # the same run, finished
+    assert capsys.readouterr().out.startswith("already finished: model in ")
+    assert run_cli(workspace, out, "--data", str(workspace / "qa.json"), "--qa", "--epochs", "3") == 2  # another
+    assert "holds a finished run with another config (fields ['epochs'])" in capsys.readouterr().err
 
 
 def test_cli_text_interrupt_resume_and_errors(workspace, capsys, monkeypatch):

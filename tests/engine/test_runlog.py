@@ -75,11 +75,16 @@ def shape(value):
 
 def log_shape(log: dict):
     """``shape`` of a whole log, the config as its earlier fields in order: a field added to ``UnlearnConfig``
-    since the log was written (``batch_size``) is written too, and nothing an earlier version wrote may go."""
-    old_fields = list(old_log("finished-hook.json")["config"])
+    since the log was written (``batch_size``) is written too, and nothing an earlier version wrote may go; the
+    model's record likewise (``fingerprint`` added since: a rerun of a finished run recognizes it)."""
+    earlier = old_log("finished-hook.json")
+    old_fields = list(earlier["config"])
     config = [key for key in log["config"] if key in old_fields]
     assert config == old_fields, f"config fields missing or reordered: {set(old_fields) - set(config)}"
-    return shape({key: (config if key == "config" else item) for key, item in log.items()})
+    model = {key: item for key, item in log["model"].items() if key in earlier["model"]}
+    assert list(model) == list(earlier["model"]), f"model fields missing or reordered: {list(model)}"
+    replaced = {"config": config, "model": model}
+    return shape({key: replaced.get(key, item) for key, item in log.items()})
 
 
 def same_json(a: dict, b: dict) -> bool:

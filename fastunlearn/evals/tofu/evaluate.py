@@ -97,6 +97,17 @@ def _mismatch(reference: Mapping, expected: Mapping) -> str | None:
     return None
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+def _numbers(values) -> bool:
+    """A sequence of numbers (a list, a tuple, a 1-D array, a tensor): what ``stats.as_vector`` reads."""
+    if isinstance(values, (list, tuple)):
+        return all(_number(v) for v in values)
+    return hasattr(values, "shape") and hasattr(values, "dtype")
+
+
 def reference_values(reference, expected: Mapping | None = None) -> np.ndarray:
     """The retain model's forget-set truth-ratio values s from: a sequence of numbers, :func:`evaluate_tofu`'s
     result, or a JSON file holding either (e.g. ``fastunlearn eval --tofu ... --json`` of the retain model).
@@ -123,6 +134,12 @@ def reference_values(reference, expected: Mapping | None = None) -> np.ndarray:
         if why is not None:
             raise ValueError(f"{where} does not match this evaluation: {why}")
         reference = values
+    elif not _numbers(reference):
+        got = type(reference).__name__ if not isinstance(reference, (list, tuple)) else "a list holding " + ", ".join(
+            sorted({type(v).__name__ for v in reference if not _number(v)})
+        )  # fmt: skip
+        raise ValueError(f"{where} is not a retain reference ({got}): give the --json of an eval --tofu of "
+                         "the retain model (forget.values.truth_ratio_s), a list of numbers, or the model")  # fmt: skip
     try:
         values = stats.as_vector(where, reference)
     except (TypeError, ValueError) as err:
