@@ -47,7 +47,10 @@ NUM_HEADS = 4
 MEMORIZED_MA = 1.0  # memorization stops once greedy decoding reproduces every training record
 CHECK_EVERY = 25  # memorization steps between two MA checks
 CACHE_FORMAT = 1  # bump when the cached files change meaning
-MARKER = "demo.json"  # in an output directory: what makes it a previous demo output
+MARKER = "demo.json"  # in an output directory: the demo's summary, which makes it a previous demo output
+# The keys every demo summary holds (the toy and the real demo, this version and earlier ones): a demo.json is
+# the demo's own only when it is a JSON object holding all of them.
+SUMMARY_KEYS = ("config", "memorization", "before", "after", "success", "completions")
 DEMO_OUTPUTS = {MARKER, "report.md", "metrics.png", "log.json", "adapter", "merged"}
 SETS = ("forget", "retain", "heldout")
 
@@ -232,15 +235,24 @@ def print_completions(rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------------------
+def is_demo_summary(path: Path) -> bool:
+    """Whether ``path`` is a summary the demo wrote: a JSON object with every key of SUMMARY_KEYS."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(summary, dict) and all(key in summary for key in SUMMARY_KEYS)
+
+
 def check_out_dir(out: Path) -> None:
     """Raise ValueError unless ``out`` is missing, empty or a previous demo output (the demo replaces it)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output directory {str(out)!r} exists and is not a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and MARKER not in entries:
+    if entries and not is_demo_summary(out / MARKER):
         raise ValueError(
-            f"output directory {str(out)!r} is not empty and is not a previous demo output (it has no {MARKER}); "
-            "the demo replaces its output directory: choose another one"
+            f"output directory {str(out)!r} is not empty and is not a previous demo output (it has no {MARKER} "
+            "that the demo wrote); the demo replaces its output directory: choose another one"
         )
     foreign = [name for name in entries if name not in DEMO_OUTPUTS]
     if foreign:

@@ -99,7 +99,15 @@ def test_out_dir_must_be_missing_empty_or_a_previous_demo_output(tmp_path, capsy
         demo.check_out_dir(tmp_path)
     assert cli.main(["demo", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c")]) == 2  # before any work
     assert "is not a previous demo output" in capsys.readouterr().err
-    (tmp_path / "demo.json").write_text("{}")
+    (tmp_path / "demo.json").write_text('{"my": "own file"}')  # a user's demo.json: not the demo's summary
+    with pytest.raises(ValueError, match="is not a previous demo output"):
+        demo.check_out_dir(tmp_path)
+    (tmp_path / "notes.txt").unlink()
+    with pytest.raises(ValueError, match="is not a previous demo output"):
+        demo.check_out_dir(tmp_path)
+    (tmp_path / "demo.json").write_text(json.dumps(dict.fromkeys(demo.SUMMARY_KEYS, 0)))
+    demo.check_out_dir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is a previous demo output but also holds notes.txt"):
         demo.check_out_dir(tmp_path)
     with pytest.raises(ValueError, match="exists and is not a directory"):
