@@ -9,8 +9,10 @@ from fastunlearn.ops import quant
 from fastunlearn.utils.validate import check_int, check_number, is_number
 
 PROBES = ("quantization", "relearning", "membership")
-DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "nf4")  # about 1 s (5 s for nf4) per round trip of 135M weights
-SLOW_FORMATS = ("q4_k", "q6_k")  # llama.cpp's K-quant search: about 0.4 us per weight on one CPU core
+DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0")  # a round trip of 135M weights: about 4 s on one CPU core
+# on request: the K-quants' scale search and NF4's nearest-of-16 levels cost 0.2 to 0.35 us per weight on one CPU
+# core (24 to 47 s for 135M weights; benchmarks/results/audit-cost)
+SLOW_FORMATS = ("q4_k", "q6_k", "nf4")
 
 
 @dataclass(frozen=True)

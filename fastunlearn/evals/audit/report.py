@@ -98,10 +98,11 @@ def to_markdown(report: dict) -> str:
     sets = report["sets"]
     lines = [MD_MARKER, "# Audit: does the forgetting hold?", ""]
     crit = report["criterion"]
+    criterion = "" if crit is None else (f" Criterion (float): forget MA and EL_{n} at or below {_f(crit['ma'])} / "
+                                         f"{_f(crit['el'])} ({crit['from']}).")  # fmt: skip
     lines.append(f"Model: {report['model']}; reference (before unlearning): {report['reference'] or 'none'}. "
                  f"Forget set {sets['forget']}, held-out set {sets['heldout']}, retain set {sets['retain'] or 'none'} "
-                 f"sequences. Criterion (float): forget MA and EL_{n} at or below {_f(crit['ma'])} / {_f(crit['el'])} "
-                 f"({crit['from']}). {report['seconds']:.0f} s.")  # fmt: skip
+                 f"sequences.{criterion} {report['seconds']:.0f} s.")  # fmt: skip
     lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}**", ""]
     lines += [f"- {probe}: {line}" for probe, line in report["verdicts"].items()]
     if "quantization" in report:

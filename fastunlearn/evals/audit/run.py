@@ -109,24 +109,29 @@ def audit(
         gguf_plan = (Path(gguf).name, formats_like(model, gguf), ref_map)
     out = report_io.check_out_dir(out_dir) if out_dir is not None else None
 
-    n_steps = 1 + (len(cfg.formats) + (gguf_plan is not None) if "quantization" in cfg.probes else 0)
+    measured = bool({"quantization", "relearning"} & set(cfg.probes))  # MA and EL: membership needs neither
+    n_steps = measured + (len(cfg.formats) + (gguf_plan is not None) if "quantization" in cfg.probes else 0)
     if "relearning" in cfg.probes:
         n_steps += cfg.relearn_trials * (2 + (retain_set is not None))
     if "membership" in cfg.probes:
         n_steps += 1 + (reference is not None) + (retrain is not None)
     steps = Steps(n_steps)
     float_start = time.perf_counter()
-    steps.start("float model: MA and EL of the forget and held-out sets")
-    values = {"forget": ma_el(model, forget_set, cfg.el_n, cfg.batch_size),
-              "heldout": ma_el(model, heldout_set, cfg.el_n, cfg.batch_size)}  # fmt: skip
-    if reference is not None:
-        values["heldout_reference"] = ma_el(reference, heldout_set, cfg.el_n, cfg.batch_size)
-        if "relearning" in cfg.probes:
-            values["forget_reference"] = ma_el(reference, forget_set, cfg.el_n, cfg.batch_size)
-    steps.done()
-    criterion = means(values["heldout_reference" if reference is not None else "heldout"])
-    criterion["from"] = f"the held-out set on the {'reference' if reference is not None else 'model'}"
-    limits = {"ma": criterion["ma"], "el": criterion["el"]}
+    values, criterion, limits, float_row = {}, None, None, None
+    if measured:
+        steps.start("float model: MA and EL of the forget and held-out sets")
+        values = {"forget": ma_el(model, forget_set, cfg.el_n, cfg.batch_size),
+                  "heldout": ma_el(model, heldout_set, cfg.el_n, cfg.batch_size)}  # fmt: skip
+        if reference is not None:
+            values["heldout_reference"] = ma_el(reference, heldout_set, cfg.el_n, cfg.batch_size)
+            if "relearning" in cfg.probes:
+                values["forget_reference"] = ma_el(reference, forget_set, cfg.el_n, cfg.batch_size)
+        steps.done()
+        criterion = means(values["heldout_reference" if reference is not None else "heldout"])
+        limits = dict(criterion)
+        criterion["from"] = f"the held-out set on the {'reference' if reference is not None else 'model'}"
+        float_row = {"forget": means(values["forget"]), "heldout": means(values["heldout"]),
+                     "seconds": time.perf_counter() - float_start}  # fmt: skip
 
     result: dict = {
         report_io.MARKER_KEY: 1,
@@ -136,12 +141,8 @@ def audit(
         "gguf": None if gguf is None else str(gguf),
         "config": cfg.to_dict(),
         "sets": {name: len(sets[name]) if name in sets else None for name in ("forget", "heldout", "retain")},
-        "criterion": criterion,
-        "float": {
-            "forget": means(values["forget"]),
-            "heldout": means(values["heldout"]),
-            "seconds": time.perf_counter() - float_start,
-        },
+        "criterion": criterion,  # None: no probe measures MA and EL
+        "float": float_row,
     }
     probes = {
         "quantization": lambda: probe_quantization(model, forget_set, heldout_set, cfg, values, steps,
