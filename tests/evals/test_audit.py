@@ -11,7 +11,6 @@ import logging
 
 import pytest
 import torch
-from tiny_models import MemorizerConfig, memorize
 
 import fastunlearn
 from fastunlearn.evals.audit import AuditConfig, AuditOutError, audit, measure, relearning
@@ -19,6 +18,7 @@ from fastunlearn.evals.audit.measure import as_set, ma_el, means
 from fastunlearn.evals.audit.report import MD_MARKER
 from fastunlearn.losses import causal_lm_ihl_loss, retain_loss, shift_causal
 from fastunlearn.ops.quant import roundtrip_model
+from tests.helpers.tiny_models import MemorizerConfig, memorize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUANT = AuditConfig(probes=("quantization",), formats=("q8_0", "q4_0", "q4_1", "q5_0", "nf4"))
@@ -280,7 +280,7 @@ def test_top_level_export():
 
 
 def test_a_format_that_cannot_store_a_weight_is_refused_before_compute(monkeypatch):
-    from tiny_models import tiny_model
+    from tests.helpers.tiny_models import tiny_model
 
     monkeypatch.setattr("fastunlearn.evals.audit.run.ma_el", lambda *a, **k: pytest.fail("computed"))
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))

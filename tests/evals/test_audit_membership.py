@@ -9,10 +9,10 @@ import zlib
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
 
 from fastunlearn.data.text import SequenceSet
 from fastunlearn.evals.audit import membership as mia
+from tests.helpers.tiny_models import VOCAB, tiny_model
 
 
 def reference_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ trained. Users deploy something else: a quantized file, or a model that may be f
 each with a one-line verdict (``AuditResult.verdicts``); the audit passes when every probe passes:
 
 - **quantization** (``quantization``): every weight round-tripped through each format of ``formats`` (default q8_0,
-  q4_0, q4_1, q5_0; q5_1, and q4_k, q6_k, nf4 on request: 0.2 to 0.35 us per weight on one CPU core), and through
+  q4_0, q4_1, q5_0, nf4; q5_1, and q4_k, q6_k on request: about 0.4 us per weight on one CPU core), and through
   the types of a GGUF file (``gguf=``). FAILED where the forget set's MA or EL_n on Q(model) is above the held-out
   set's on Q(reference) (on Q(model) without a reference).
 - **relearning** (``relearning``): ``relearn_steps`` = 10 AdamW steps (lr ``relearn_lr`` = 1e-4) on
@@ -27,7 +27,7 @@ held-out set's values on the reference (the model before unlearning) when one is
 format: one round trip of the weights and MA + EL_n of both sets (EL_n costs most); per relearning trial: three
 fine-tunes of a model copy and four scorings of the held-out rows; membership: one forward per set and model.
 Progress lines with the ETA go to the ``fastunlearn.evals.audit`` logger (INFO; ``fastunlearn audit`` shows them).
-``benchmarks/ops/bench_audit.py`` measures each probe on SmolLM2-135M.
+``benchmarks/ops/audit_cost.py`` measures each probe on SmolLM2-135M.
 """
 
 from fastunlearn.evals.audit.config import DEFAULT_FORMATS, PROBES, SLOW_FORMATS, AuditConfig

@@ -9,10 +9,11 @@ from fastunlearn.ops import quant
 from fastunlearn.utils.validate import check_int, check_number, is_number
 
 PROBES = ("quantization", "relearning", "membership")
-DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0")  # a round trip of 135M weights: about 4 s on one CPU core
-# on request: the K-quants' scale search and NF4's nearest-of-16 levels cost 0.2 to 0.35 us per weight on one CPU
-# core (24 to 47 s for 135M weights; benchmarks/results/audit-cost)
-SLOW_FORMATS = ("q4_k", "q6_k", "nf4")
+# a round trip of 135M weights: 1.3 to 2 CPU seconds for the 32-weight formats, about 5 for nf4 (one core)
+DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "nf4")
+# on request: the K-quants' scale search costs about 0.4 us per weight on one CPU core (about 50 s for 135M
+# weights; benchmarks/results/audit-cost)
+SLOW_FORMATS = ("q4_k", "q6_k")
 
 
 @dataclass(frozen=True)

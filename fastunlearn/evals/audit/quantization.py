@@ -11,7 +11,7 @@ restored bit for bit afterwards, also on an error) and the forget and held-out s
 - ``gguf``: each weight in the type a GGUF file stores it in (``fastunlearn.gguf_io.formats_like``): what a reader of
   that file, or of the model written like it, computes with.
 
-**Criterion** (the ``--deploy-quant`` rule of the engine): in format Q the forget set's MA and EL_n on Q(model) must
+**Criterion** (the engine's, applied to the quantized model): in format Q the forget set's MA and EL_n on Q(model) must
 be at or below the held-out set's on Q(reference) when a reference (the model before unlearning) is given, else on
 Q(model). A format where either is above is a FAILED probe. The float row applies the same rule without a round
 trip (the engine's own criterion, held-out values of the reference measured now): the forget set must be at the

@@ -8,11 +8,11 @@ import random
 
 import pytest
 import torch
-from tiny_models import tiny_model, word_tokenizer
 
 from fastunlearn import cli
 from fastunlearn.data.text import tokenize_sequences
 from fastunlearn.losses import retain_loss, shift_causal
+from tests.helpers.tiny_models import tiny_model, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(60)]
 pytestmark = pytest.mark.usefixtures("one_thread")
