@@ -279,6 +279,12 @@ def test_top_level_export():
     assert fastunlearn.audit is audit and fastunlearn.AuditConfig is AuditConfig
 
 
+def test_the_default_formats_are_the_deployed_ones():
+    # llama.cpp's 8-, 4- and 5-bit block formats and bitsandbytes' NF4; the slow K-quants only on request
+    assert AuditConfig().formats == ("q8_0", "q4_0", "q4_1", "q5_0", "nf4")
+    assert AuditConfig().probes == ("quantization", "relearning", "membership")
+
+
 def test_a_format_that_cannot_store_a_weight_is_refused_before_compute(monkeypatch):
     from tests.helpers.tiny_models import tiny_model
 

@@ -5,7 +5,7 @@ trained. Users deploy something else: a quantized file, or a model that may be f
 each with a one-line verdict (``AuditResult.verdicts``); the audit passes when every probe passes:
 
 - **quantization** (``quantization``): every weight round-tripped through each format of ``formats`` (default q8_0,
-  q4_0, q4_1, q5_0, nf4; q5_1, and q4_k, q6_k on request: about 0.4 us per weight on one CPU core), and through
+  q4_0, q4_1, q5_0, nf4; q5_1, and q4_k, q6_k on request: their scale search costs 5x a 32-weight format), and through
   the types of a GGUF file (``gguf=``). FAILED where the forget set's MA or EL_n on Q(model) is above the held-out
   set's on Q(reference) (on Q(model) without a reference).
 - **relearning** (``relearning``): ``relearn_steps`` = 10 AdamW steps (lr ``relearn_lr`` = 1e-4) on

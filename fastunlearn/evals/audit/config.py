@@ -9,10 +9,9 @@ from fastunlearn.ops import quant
 from fastunlearn.utils.validate import check_int, check_number, is_number
 
 PROBES = ("quantization", "relearning", "membership")
-# a round trip of 135M weights: 1.3 to 2 CPU seconds for the 32-weight formats, about 5 for nf4 (one core)
+# a round trip of 135M weights: 1.3 to 2 CPU seconds for the 32-weight formats, 4 for nf4 (one core)
 DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "nf4")
-# on request: the K-quants' scale search costs about 0.4 us per weight on one CPU core (about 50 s for 135M
-# weights; benchmarks/results/audit-cost)
+# on request: the K-quants' scale search costs 7 to 11 CPU seconds for 135M weights (benchmarks/results/audit-cost)
 SLOW_FORMATS = ("q4_k", "q6_k")
 
 
