@@ -39,9 +39,11 @@ moved.install()  # old import paths (fastunlearn.metrics, fastunlearn.objectives
 
 __version__ = "0.1.0"
 
-# The engine imports transformers (metrics, data); it loads on first use so `import fastunlearn` stays light.
+# The engine and the audit import transformers (metrics, data); they load on first use so `import fastunlearn`
+# stays light.
 _LAZY = {"unlearn": ".engine", "UnlearnConfig": ".engine", "UnlearnResult": ".engine",
-         "finetune": ".engine.finetune", "FinetuneConfig": ".engine.finetune"}  # fmt: skip
+         "finetune": ".engine.finetune", "FinetuneConfig": ".engine.finetune",
+         "audit": ".evals.audit", "AuditConfig": ".evals.audit", "AuditResult": ".evals.audit"}  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -85,4 +87,7 @@ __all__ = [
     # supervised fine-tuning (loaded on first use)
     "FinetuneConfig",
     "finetune",
+    # does the forgetting hold: quantization, relearning, membership (loaded on first use)
+    "AuditConfig",
+    "audit",
 ]

@@ -1,4 +1,4 @@
-"""The ``fastunlearn`` command line: ``unlearn``, ``eval``, ``demo``, ``finetune``, ``info``.
+"""The ``fastunlearn`` command line: ``unlearn``, ``eval``, ``audit``, ``demo``, ``finetune``, ``info``.
 
 One module per subcommand (its ``add_parser`` and ``run``); this one builds the parser and runs a command.
 Every failure ends with one line on stderr, never a traceback, and the exit status ``EXIT_STATUS`` documents:
@@ -16,7 +16,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from fastunlearn.cli import demo, eval, finetune, info, unlearn
+from fastunlearn.cli import audit, demo, eval, finetune, info, unlearn
 from fastunlearn.cli.common import EXIT_STATUS
 
 EXAMPLES = """examples:
@@ -28,6 +28,8 @@ EXAMPLES = """examples:
   fastunlearn eval --model runs/fila-ihl/merged --set forget=forget.csv --set heldout=heldout.csv
   fastunlearn eval --model runs/fila-ihl/merged --lm-eval-tasks paper --set wikitext=wiki.txt
   fastunlearn eval --model runs/tofu-ihl/merged --tofu data/tofu --retain-model runs/retain99 --json tofu.json
+  fastunlearn audit --model runs/fila-ihl/merged --forget forget.csv --heldout heldout.csv \\
+      --reference EleutherAI/gpt-neo-125m --retain wiki.txt --out runs/fila-ihl/audit
   fastunlearn demo
   fastunlearn demo --real
 """
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES + "\n" + EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (unlearn, eval, demo, finetune, info):
+    for command in (unlearn, eval, audit, demo, finetune, info):
         command.add_parser(sub)
     return parser
 

@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 EXIT_STATUS = """exit status:
-  0    forgotten (unlearn, demo: the criterion was met); done (finetune, eval, info); a finished run, rerun,
-       prints "already finished" and exits with its own status (remove OUT to run it again)
-  1    not forgotten: the run finished without meeting the criterion (its report says why)
+  0    forgotten (unlearn, demo: the criterion was met); every probe passed (audit); done (finetune, eval, info);
+       a finished run, rerun, prints "already finished" and exits with its own status (remove OUT to run it again)
+  1    not forgotten: the run finished without meeting the criterion (its report says why); audit: a probe
+       failed (the forgetting does not hold after quantization, relearning or a membership attack: audit.md)
   2    usage or input error: a bad option, a missing or unreadable file, a model or data that cannot be used
   3    runtime failure (a bug, a full disk): the traceback is in OUT/.fastunlearn/error.log once unlearn has
        written to OUT, else in a temporary file; the one line on stderr names it (a full disk: the output, and
