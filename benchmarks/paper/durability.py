@@ -6,7 +6,8 @@ part of it?
     nohup python benchmarks/paper/durability.py > benchmarks/results/durability/run.log 2>&1 &
     python benchmarks/paper/durability.py --report-only    # durability.md / .png from the cached steps
 
-1. Setup as ``table1_real.py`` (its defaults, its cached memorized model): forget = 8 x 64 TDEC tokens of
+1. Setup as ``table1_real.py`` (its cached memorized model), memorizing only the 8 rows unlearned (table1_real:
+   16 per set, two sets; ``--forget-sets`` / ``--memorized-size``): forget = 8 x 64 TDEC tokens of
    lm_extraction_32_0 (``--cells``), held-out = 16 of lm_extraction_32_2, retain = 32 WikiText blocks.
 2. Each method unlearns at its equal-forgetting lr: the one table1-real's grid chose for the cell
    (``benchmarks/results/table1-real/runs.jsonl``; FILA + IHL x1, LoRA + IHL x10, GD x2, GA x1); NPO (full
@@ -70,6 +71,9 @@ def parse_args(argv):
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fastunlearn")
     parser.add_argument("--cells", nargs="+", default=["lm_extraction_32_0:0"], help="forget set:seed pairs")
     parser.add_argument("--methods", nargs="+", default=[*METHODS, *REMEDIES], help="rows to run (default: all)")
+    parser.add_argument("--forget-sets", nargs="+", default=["lm_extraction_32_0"], help="memorized (table1_real's)")
+    parser.add_argument("--memorized-size", type=int, default=8, help="sequences memorized per forget set "
+                        "(table1_real: 16; here only the 8 unlearned, a quarter of its memorization cost)")
     parser.add_argument("--max-epochs", type=int, default=10, help="the methods' limit (table1_real's)")
     parser.add_argument("--remedy-max-epochs", type=int, default=20, help="the remedy rows' limit")
     parser.add_argument("--probes", choices=("auto", "audit", "local"), default="auto")
@@ -82,7 +86,8 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown --methods {unknown}; known: {[*METHODS, *REMEDIES]}")
     base = table1_real.parse_args(["--data", str(args.data), "--cache", str(args.cache), "--max-epochs",
-                                   str(args.max_epochs)])  # fmt: skip
+                                   str(args.max_epochs), "--memorized-size", str(args.memorized_size),
+                                   "--forget-sets", *args.forget_sets])  # fmt: skip
     return args, base
 
 
