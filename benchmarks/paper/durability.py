@@ -73,7 +73,7 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=[*METHODS, *REMEDIES], help="rows to run (default: all)")
     parser.add_argument("--forget-sets", nargs="+", default=["lm_extraction_32_0"], help="memorized (table1_real's)")
     parser.add_argument("--memorized-size", type=int, default=8, help="sequences memorized per forget set "
-                        "(table1_real: 16; here only the 8 unlearned, a quarter of its memorization cost)")
+                        "(table1_real: 16; here only the 8 unlearned, a quarter of its memorization cost)")  # fmt: skip
     parser.add_argument("--max-epochs", type=int, default=10, help="the methods' limit (table1_real's)")
     parser.add_argument("--remedy-max-epochs", type=int, default=20, help="the remedy rows' limit")
     parser.add_argument("--probes", choices=("auto", "audit", "local"), default="auto")
