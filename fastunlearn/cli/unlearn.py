@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from fastunlearn.cli.common import (
     DEFAULT_SEQ_LEN,
@@ -17,6 +18,9 @@ from fastunlearn.cli.common import (
     named_sources,
     seq_len,
 )
+
+# engine.config.DEPLOY_QUANTS (a test checks; written out here so that --help does not import torch)
+DEPLOY_QUANTS = ("none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k", "nf4", "gguf")
 
 
 def add_parser(sub) -> None:
@@ -79,6 +83,17 @@ def add_parser(sub) -> None:
                         "($FASTUNLEARN_CACHE_DIR, else ~/.cache/fastunlearn)")  # fmt: skip
     p.add_argument("--heldout-el-after", action="store_true",
                    help="after unlearning, measure the held-out set's EL too (costly; MA always)")  # fmt: skip
+    p.add_argument("--deploy-quant", choices=DEPLOY_QUANTS, default="none", metavar="FORMAT",
+                   help="also meet the criterion on the model deployed in FORMAT (adapters merged, every weight "
+                   "matrix quantized and dequantized), against the held-out set's values on the original model "
+                   "deployed so: none, " + ", ".join(DEPLOY_QUANTS[1:-1]) + ", or gguf (the tensor types of the "
+                   ".gguf --model) (none)")  # fmt: skip
+    p.add_argument("--quant-aware", choices=DEPLOY_QUANTS, default="none", metavar="FORMAT",
+                   help="train at the weights deployed in FORMAT (straight-through estimator): the forgetting must "
+                   "cross quantization buckets; one quantization per epoch (none)")  # fmt: skip
+    p.add_argument("--no-gguf", action="store_true",
+                   help="with a .gguf --model, do not write OUT/merged.gguf (written by default: the input file's "
+                   "metadata, tokenizer and tensor types, re-quantized from the merged model)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--out", required=True, help="output directory (an interrupted run there is resumed)")
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming a run found in OUT")
@@ -95,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from fastunlearn.utils.distributed import current, init_from_env
 
     check_qa_options(args)
+    template = gguf_template(args)
     fila = {"fisher_mode": args.fisher_mode} if args.params == "fila" else {}
     utility = named_sources(args.utility, "--utility")  # before any model loads
     config = UnlearnConfig(
@@ -109,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         parallel=args.parallel, fused_ihl=args.fused_ihl, allow_heldout_overlap=args.allow_heldout_overlap,
         eval_retain_max=args.eval_retain_max or None, fisher_max_examples=args.fisher_max_examples or None,
         cache_heldout_baseline=not args.no_baseline_cache, eval_heldout_el_after=args.heldout_el_after,
+        deploy_quant=args.deploy_quant, quant_aware=args.quant_aware, gguf_template=template,
+        write_gguf=not args.no_gguf,
     )  # fmt: skip
     log_to_terminal()  # the engine's progress lines (INFO) on stderr
     owns_group = not (dist.is_available() and dist.is_initialized())
@@ -147,6 +165,20 @@ def objective_options(loss: str, beta: float | None, gamma: float | None) -> dic
             raise ValueError(f"{flag} must be a finite number {ok}, got {value!r}")
     options = {} if beta is None else {f"{loss}_beta": beta}
     return options if gamma is None else {**options, "simnpo_gamma": gamma}
+
+
+def gguf_template(args: argparse.Namespace) -> str | None:
+    """The .gguf ``--model`` as the template of merged.gguf and of ``gguf`` formats (None for another model);
+    ValueError for a ``gguf`` format or ``--no-gguf`` without one."""
+    if args.model.endswith(".gguf"):
+        return str(Path(args.model).expanduser().resolve())
+    for flag, value in (("--deploy-quant", args.deploy_quant), ("--quant-aware", args.quant_aware)):
+        if value == "gguf":
+            raise ValueError(f"{flag} gguf takes the tensor types of a .gguf --model; --model {args.model} is none")
+    if args.no_gguf:
+        raise ValueError(f"--no-gguf turns off merged.gguf, written only for a .gguf --model; --model {args.model} "
+                         "is none")  # fmt: skip
+    return None
 
 
 def check_qa_options(args: argparse.Namespace) -> None:

@@ -41,11 +41,16 @@ _warned: set[Path] = set()  # unwritable cache directories already warned about 
 class HeldoutCache:
     """The cache entry of one (model, held-out set, settings); ``load`` and ``store`` act on rank 0 only."""
 
-    def __init__(self, model_fp: str, heldout: SequenceSet, cfg: UnlearnConfig, device: torch.device) -> None:
+    def __init__(self, model_fp: str, heldout: SequenceSet, cfg: UnlearnConfig, device: torch.device,
+                 variant: str | None = None) -> None:  # fmt: skip
+        """``variant``: the model as given seen another way (``engine.deploy``: deployed in a quantization
+        format), a key of its own; None: the model itself."""
         self.key = {
             "format": FORMAT, "fastunlearn": __version__, "model": model_fp, "heldout": fingerprint([heldout]),
             "el_n": cfg.el_n, "dtype": cfg.dtype, "device": torch.device(device).type,
         }  # fmt: skip
+        if variant is not None:
+            self.key["variant"] = variant
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:32]
         self.path = cache_root() / SUBDIR / f"{digest}.json"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from torch import nn
 from fastunlearn.engine import parallel
 from fastunlearn.lora.fila import FilaConfig
 from fastunlearn.losses import NPO_BETA, SIMNPO_BETA, SIMNPO_GAMMA, check_forget_loss, check_fused
+from fastunlearn.ops.quant import FORMATS as QUANT_FORMATS
 from fastunlearn.utils.validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 
 PARAMS = ("full", "lora", "fila")
 STOPS = ("heldout", "threshold", "epochs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "fila": 2e-4}  # the paper's learning rates
+DEPLOY_QUANTS = ("none", *QUANT_FORMATS, "gguf")  # deploy_quant / quant_aware; "gguf": gguf_template's types
 FILA_OPTIONS = tuple(f.name for f in dataclasses.fields(FilaConfig) if f.name not in ("rank", "alpha"))
 
 
@@ -61,6 +64,11 @@ class UnlearnConfig:
     parallel: str = "ddp"  # with several processes: "ddp" (a model copy per rank) or "fsdp" (FSDP2 shards)
     fused_ihl: bool = False  # forget and retain terms from the last hidden states: no (B, T, V) logits (HF LMs)
     allow_heldout_overlap: bool = False  # accept held-out rows that repeat forget rows (inputs.check_heldout_overlap)
+    deploy_quant: str = "none"  # also meet the criterion on the model deployed in this format (engine.deploy)
+    quant_aware: str = "none"  # train at the weights deployed in this format (straight-through; engine.deploy)
+    gguf_template: str | None = None  # the GGUF file the model was loaded from: the types of "gguf" formats, and
+    # the file OUT/merged.gguf is written like (write_gguf)
+    write_gguf: bool = True  # with gguf_template: also write OUT/merged.gguf (gguf_io.write_gguf_like)
 
     def __post_init__(self) -> None:
         self.targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
@@ -106,12 +114,29 @@ class UnlearnConfig:
                      "eval_heldout_el_after", "allow_heldout_overlap"):  # fmt: skip
             check_bool(name, getattr(self, name))
         check_fused(self.forget_loss, self.fused_ihl)
+        self._check_deploy()
         if not isinstance(self.fila, dict) or (self.fila and self.params != "fila"):
             raise ValueError(f"fila must be a dict of FILA options, given only with params='fila', got {self.fila!r}")
         unknown = sorted(set(self.fila) - set(FILA_OPTIONS))
         if unknown:
             raise ValueError(f"fila has unknown options {unknown}; known: {', '.join(FILA_OPTIONS)}")
         self.fila_config()  # validates the FILA options
+
+    def _check_deploy(self) -> None:
+        for name in ("deploy_quant", "quant_aware"):
+            check_choice(name, getattr(self, name), DEPLOY_QUANTS)
+        check_bool("write_gguf", self.write_gguf)
+        if isinstance(self.gguf_template, os.PathLike):
+            self.gguf_template = os.fspath(self.gguf_template)
+        if self.gguf_template is not None and not (isinstance(self.gguf_template, str) and self.gguf_template):
+            raise ValueError(f"gguf_template must be a GGUF file's path or None, got {self.gguf_template!r}")
+        for name in ("deploy_quant", "quant_aware"):
+            if getattr(self, name) == "gguf" and self.gguf_template is None:
+                raise ValueError(f"{name}='gguf' takes the tensor types of the GGUF file the model came from: "
+                                 "set gguf_template to it")  # fmt: skip
+            if getattr(self, name) != "none" and self.parallel == "fsdp":
+                raise ValueError(f"{name}={getattr(self, name)!r} quantizes whole weights in place, which sharded "
+                                 "(parallel='fsdp') weights are not: use parallel='ddp'")  # fmt: skip
 
     @property
     def learning_rate(self) -> float:

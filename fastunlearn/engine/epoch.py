@@ -8,7 +8,10 @@ only each rank's last backward of the update synchronizes gradients, so every up
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from tqdm.auto import tqdm
@@ -120,6 +123,7 @@ def accumulate(train_model, forget_term: ForgetTerm, retain_term: ForgetTerm, pa
 def train_epoch(
     train_model, forget_term: ForgetTerm, retain_term: ForgetTerm, optimizer, params, forget, retain,
     cfg: UnlearnConfig, generator, device, reference=None,
+    weights: Callable[[], AbstractContextManager] | None = None,
 ) -> dict:  # fmt: skip
     """One epoch: ceil(N / ``cfg.batch_size``) updates (one when None), each from its sequences' gradient
     accumulated over micro-batches, unless not finite: then the epoch stops without that update.
@@ -128,6 +132,8 @@ def train_epoch(
     The forget term is a sum over the micro-batch's units (``forget_units``: tokens, or sequences for NPO /
     SimNPO) divided by the update's count of them, so the update does not depend on ``micro_batch_size``; the
     retain term likewise. ``reference`` (N,): NPO's reference log-likelihoods of ``forget`` (``engine.reference``).
+    ``weights()``: a context each update's forward and backward passes run in, left before its step (quant_aware:
+    the deployed weights with a straight-through gradient, ``engine.quantized``).
     The record: the mean forget and retain terms over the epoch's units (each measured before its own update), the
     min and max of the micro-batches' mean forget term, the largest gradient norm of the epoch's updates, and
     "updated": whether every update was made."""
@@ -141,7 +147,8 @@ def train_epoch(
     bar = tqdm(total=total, desc="micro-batches", leave=False, disable=None if process.is_main else True)
     for pairs in updates:
         optimizer.zero_grad(set_to_none=True)
-        s, e, norm, n_f, n_r = accumulate(train_model, forget_term, retain_term, pairs, params, cfg, device, bar)
+        with weights() if weights is not None else contextlib.nullcontext():
+            s, e, norm, n_f, n_r = accumulate(train_model, forget_term, retain_term, pairs, params, cfg, device, bar)
         sums.append(s)
         extremes.append(e)
         norms.append(norm)

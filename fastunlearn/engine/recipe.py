@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from fastunlearn.data.text import SequenceSet, UnlearningData
-from fastunlearn.engine import checkpoint, evaluation, outdir, parallel, progress
+from fastunlearn.engine import checkpoint, deploy, evaluation, outdir, parallel, progress
 from fastunlearn.engine import reference as npo_reference
 from fastunlearn.engine.cache import HeldoutCache
 from fastunlearn.engine.config import DTYPES, UnlearnConfig, UnlearnResult
 from fastunlearn.engine.epoch import train_epoch
 from fastunlearn.engine.inputs import check_data, check_model, data_fingerprint, set_name, utility_sets
-from fastunlearn.engine.outputs import export_models, write_documents
+from fastunlearn.engine.outputs import check_outputs, export_models, write_documents
 from fastunlearn.engine.params import enable_checkpointing, fisher_sample, setup_params
 from fastunlearn.engine.report import check_plotting, outcome, write_json
 from fastunlearn.engine.runlog import (
@@ -155,8 +155,11 @@ class UnlearnRecipe:
         check_model(
             model, self.tasks, self.retain, self.heldout, self.utility
         )  # NaN weights, token ids: before any compute
+        deploy.check_template(model, cfg)  # merged.gguf can be written like gguf_template
+        self.deploy, self.quant_aware = deploy.setup(model, cfg)  # before adapters: the model's own names
         prepared = checkpoint.prepare_out_dir_on_all_ranks(self.out, self.resume, self.process, model, self.same_run)
         self.lock, self.fingerprint = prepared.lock, prepared.fingerprint  # rank 0's
+        check_outputs(self.out, cfg, self.process)  # a resumed run's merged.gguf: replaced only if it is its own
         self.saved = prepared.saved
         self.log = None if prepared.log is None else RunLog.from_dict(prepared.log)  # read as the checkpoint loaded
         if self.log is not None:
@@ -190,12 +193,18 @@ class UnlearnRecipe:
             )
             self.log.baseline = Baseline(**before)
             self.log.baseline_cache = None if source is None else BaselineCache(**source)
+            if self.deploy is not None:
+                variant = self.deploy.cache_variant()
+                cache = HeldoutCache(self.fingerprint, self.heldout, cfg, self.device, variant) if cached else None
+                self.log.deploy = self.deploy.baseline(model, self.tasks, self.heldout, cache)
             if self.evaluate_each_epoch is not None:  # epoch 0: the model as given (adapters that change nothing yet)
                 self.log.baseline.on_epoch = evaluation.call_hook(self.evaluate_each_epoch, model, 0)
             self.lap("baseline_s")
             self.save_checkpoint(None)  # a resume skips the setup (FILA's Fisher) and the baseline
         else:
             self.log.resumes += 1
+            if self.deploy is not None:
+                self.deploy.limits = self.log.deploy.criterion
             self.lap("setup_s")
         self.write_log()
         crit, counts = self.log.criterion, self.log.model
@@ -241,9 +250,10 @@ class UnlearnRecipe:
             self.info("%s training: %d forget sequences in micro-batches of %d%s", phase, len(forget),
                       cfg.micro_batch_size, eta)  # fmt: skip
         reference = None if self.reference is None else self.reference[k]
+        weights = deploy.quant_aware_weights(self.quant_aware, self.model)  # quant_aware: straight-through
         record = EpochRecord(epoch, **train_epoch(self.train_model, self.forget_term, self.retain_term, optimizer,
                                                   self.params, forget, self.retain, cfg, self.generator, self.device,
-                                                  reference=reference))  # fmt: skip
+                                                  reference=reference, weights=weights))  # fmt: skip
         record.train_s = self.last_train_s = self.lap("train_s")
         phase += " evaluation:"
         metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it
@@ -253,12 +263,18 @@ class UnlearnRecipe:
         if self.evaluate_each_epoch is not None:
             record.on_epoch = evaluation.call_hook(self.evaluate_each_epoch, self.model, epoch)
         record.criterion_met = evaluation.criterion_met(metrics, crit)
+        if self.deploy is not None:  # the deployed model too, where it can decide (engine.deploy)
+            record.deploy = self.deploy.epoch(self.model, forget, record.criterion_met, phase)
+            record.criterion_met = record.criterion_met and (record.deploy is None or record.deploy["met"])
         record.eval_s = self.lap("eval_s")
         task.epochs.append(record)
         task.stop_reason = evaluation.stop_reason(record, cfg)
         if task.stop_reason is not None:
             task.success = evaluation.task_success(record, cfg)
         hook = "".join(f" {name} {_fmt(value)}" for name, value in (record.on_epoch or {}).items())
+        if record.deploy is not None:
+            values = record.deploy
+            hook += f" | {cfg.deploy_quant.upper()} MA {_fmt(values['ma'])} EL_{cfg.el_n} {_fmt(values['el'])}"
         self.info(
             "%s epoch %d/%d: loss forget %s retain %s | forget MA %s EL_%d %s | criterion %s%s | %.1f s%s",
             set_name(k, len(self.tasks)), epoch, cfg.max_epochs, _fmt(record.forget_loss), _fmt(record.retain_loss),
@@ -293,6 +309,9 @@ class UnlearnRecipe:
             retain_ppl=last.retain_ppl,
             utility_ppl=last.utility_ppl,
         )
+        if self.deploy is not None:
+            task.after.deploy = self.deploy.after_task(self.model, self.tasks[: k + 1], self.heldout, last.deploy,
+                                                       f"after {names[k]}")  # fmt: skip
         self.lap("eval_s")
         self.write_log()
 
@@ -300,6 +319,8 @@ class UnlearnRecipe:
     def save(self) -> UnlearnResult:
         log = self.log
         final = log.tasks[-1].after.forget
+        if log.tasks[-1].after.deploy is not None:  # deploy_quant: the deployed model must still meet it too
+            final = [*final, *log.tasks[-1].after.deploy["forget"]]
         log.success = all(task.success for task in log.tasks) and all(m["met"] is not False for m in final)
         log.outputs = export_models(self.model, self.cfg, self.out, self.tokenizer)
         self.lap("export_s")

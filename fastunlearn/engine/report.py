@@ -60,6 +60,48 @@ def _criterion_text(log: dict) -> str:
     return f"forget MA ≤ {_f(crit['ma'])} and EL_{n} ≤ {_f(crit['el'])} ({source})"
 
 
+def _deploy_name(log: dict) -> str:
+    return log["deploy"]["format"].upper()
+
+
+def _deploy_text(log: dict) -> str:
+    """The deployed half of the criterion (deploy_quant), or nothing."""
+    deploy, n = log.get("deploy"), log["config"]["el_n"]
+    if deploy is None or log["criterion"]["stop"] == "epochs":
+        return ""
+    source = "the held-out set's values" if deploy["criterion"]["stop"] == "heldout" else "the same thresholds"
+    return (f"; and on the model deployed in {_deploy_name(log)} (adapters merged, weights quantized): forget MA ≤ "
+            f"{_f(deploy['criterion']['ma'])} and EL_{n} ≤ {_f(deploy['criterion']['el'])} ({source} on the original "
+            f"model deployed so)")  # fmt: skip
+
+
+def _deploy_rows(log: dict) -> list[tuple[str, dict, dict]]:
+    """(name, before, after) rows of the deployed model (deploy_quant), or none."""
+    deploy, after = log.get("deploy"), log["tasks"][-1]["after"].get("deploy")
+    if deploy is None or after is None:
+        return []
+    name = _deploy_name(log)
+    rows = [(f"forget set {i + 1}, {name}", b, a) for i, (b, a) in enumerate(zip(deploy["forget"], after["forget"]))]
+    if deploy["heldout"] is not None and after["heldout"] is not None:
+        rows.append((f"held-out, {name}", deploy["heldout"], after["heldout"]))
+    return rows
+
+
+def _deploy_note(log: dict) -> list[str]:
+    if log.get("deploy") is None:
+        return []
+    name, deploy = _deploy_name(log), log["deploy"]
+    counts = ", ".join(f"{count} in {fmt.upper()}" for fmt, count in deploy["weights"].items())
+    quant_aware = log["config"].get("quant_aware", "none")
+    trained = "" if quant_aware == "none" else f" Trained at the weights deployed in {quant_aware.upper()}."
+    return [
+        "",
+        f"{name} columns: the model deployed in {name} ({counts} weight tensors; adapters merged first), "
+        "measured at the epochs whose float values meet the float criterion (elsewhere it cannot change the "
+        f"decision; – = not measured) and after each task; deployed baseline {deploy['seconds']:.1f} s.{trained}",
+    ]
+
+
 def _sample_text(log: dict, key: str) -> str:
     """How many retain sequences ``log["data"][key]`` counts: on all M, or on a seeded sample of N of M."""
     used, total = log["data"].get(key), log["data"]["retain"]
@@ -133,6 +175,13 @@ def outcome(log: dict) -> str:
         for i, m in enumerate(log["tasks"][-1]["after"]["forget"])
         if log["tasks"][i]["success"] and m["met"] is False
     ]
+    deployed = (log["tasks"][-1]["after"].get("deploy") or {}).get("forget", [])
+    reasons += [
+        f"forget set {i + 1} deployed in {_deploy_name(log)} does not meet it after the last task (MA {_f(m['ma'])}, "
+        f"EL {_f(m['el'])})"
+        for i, m in enumerate(deployed)
+        if log["tasks"][i]["success"] and m["met"] is False
+    ]
     return "; ".join(reasons)
 
 
@@ -146,7 +195,7 @@ def report_markdown(log: dict) -> str:
     """The run as Markdown: result, settings, before → after, and a table of every epoch of every task."""
     cfg, model, n = log["config"], log["model"], log["config"]["el_n"]
     verdict = "SUCCESS" if log["success"] else "FAILURE"
-    result = f"**Result: {verdict}.** Criterion: {_criterion_text(log)}. Outcome: {outcome(log)}."
+    result = f"**Result: {verdict}.** Criterion: {_criterion_text(log)}{_deploy_text(log)}. Outcome: {outcome(log)}."
     objective = cfg["forget_loss"].upper() + (
         f" + {cfg['retain_weight']:g} × retain loss" if cfg["retain_weight"] else ""
     )
@@ -174,16 +223,18 @@ def report_markdown(log: dict) -> str:
     rows = [(f"forget set {i + 1}", b, a) for i, (b, a) in enumerate(zip(before["forget"], after["forget"]))]
     if before["heldout"] is not None:
         rows.append(("held-out", before["heldout"], after["heldout"]))
+    rows += _deploy_rows(log)
     for name, b, a in rows:
         met = "" if "met" not in a else _met(a["met"])
         lines.append(f"| {name} | {_f(b['ma'])} | {_f(a['ma'])} | {_f(b['el'])} | {_f(a['el'])} | {met} |")
-    lines += _heldout_notes(log)
+    lines += _heldout_notes(log) + _deploy_note(log)
     lines += _utility_lines(log)
     if before["retain_ppl"] is not None:
         lines += ["", f"Retain perplexity {_sample_text(log, 'retain_ppl_sequences')} (the retain set trained on): "
                   f"{before['retain_ppl']:.3f} before, {after['retain_ppl']:.3f} after. The retain loss trains on "
                   "it, so it says nothing about damage; text never trained on (utility sets) does."]  # fmt: skip
     names, hooks = list(before.get("utility_ppl") or {}), hook_names(log)
+    deployed = [] if log.get("deploy") is None else [f"{_deploy_name(log)} MA", f"{_deploy_name(log)} EL_{n}"]
     if before.get("on_epoch"):
         values = " ".join(f"| {_f(before['on_epoch'].get(h))} " for h in hooks)
         lines += ["", "## on_epoch values before unlearning", "", "| " + " | ".join(hooks) + " |",
@@ -197,6 +248,7 @@ def report_markdown(log: dict) -> str:
             "grad norm",
             "forget MA",
             f"forget EL_{n}",
+            *deployed,
             "retain PPL (trained on)",
             *(f"{name} PPL" for name in names),
             *hooks,
@@ -206,11 +258,14 @@ def report_markdown(log: dict) -> str:
                   "| " + " | ".join(heads) + " |", "| " + " | ".join(["---"] * len(heads)) + " |"]  # fmt: skip
         for e in task["epochs"]:
             low, high = e["forget_loss_range"]
+            values = e.get("deploy") or {}
+            quantized = "".join(f"{_f(values.get(key))} | " for key in ("ma", "el")) if deployed else ""
             utility = "".join(f"{_f(e['utility_ppl'][name], 3)} | " for name in names)
             utility += "".join(f"{_f((e.get('on_epoch') or {}).get(h))} | " for h in hooks)
             lines.append(
                 f"| {e['epoch']} | {_f(e['forget_loss'])} | [{_f(low)}, {_f(high)}] | {_f(e['retain_loss'])} | "
-                f"{_f(e['grad_norm'])} | {_f(e['forget_ma'])} | {_f(e['forget_el'])} | {_f(e['retain_ppl'], 3)} | "
+                f"{_f(e['grad_norm'])} | {_f(e['forget_ma'])} | {_f(e['forget_el'])} | {quantized}"
+                f"{_f(e['retain_ppl'], 3)} | "
                 f"{utility}{_met(e['criterion_met'])} |"
             )
         if len(log["tasks"]) > 1:
@@ -241,6 +296,19 @@ def _plot_hooks(ax, x: list[int], values: dict[str, list[float | None]]) -> None
     ax.legend(fontsize="small")
 
 
+def _plot_deployed(ax, log: dict, task: dict, x: list[int], color) -> None:
+    """deploy_quant: the forget set's MA on the deployed model (before, the epochs it was measured, after)."""
+    if log.get("deploy") is None:
+        return
+    k, name = task["task"], _deploy_name(log)
+    points = [(x[0], log["deploy"]["forget"][k]["ma"])]
+    points += [(xi, e["deploy"]["ma"]) for xi, e in zip(x[1:], task["epochs"]) if e.get("deploy")]
+    if task["after"].get("deploy") is not None:
+        points.append((x[-1], task["after"]["deploy"]["forget"][k]["ma"]))
+    label = f"forget MA, {name}" + (f" (set {k + 1})" if len(log["tasks"]) > 1 else "")
+    ax.plot(*zip(*points), "D--", color=color, mfc="none", lw=0.8, label=label)
+
+
 def write_plot(path: Path, log: dict) -> None:
     """Forget MA and EL_n per epoch (epoch 0: before) with the criterion's limits; in continual runs the earlier
     sets' values after each later task (x); retain PPL if measured; each utility set's PPL if any."""
@@ -267,6 +335,7 @@ def write_plot(path: Path, log: dict) -> None:
         colors.append(ma.get_color())
         el = [(xi, v) for xi, v in zip(x, [first["el"], *(e["forget_el"] for e in task["epochs"])]) if v is not None]
         axes[0].plot(*zip(*el), "s", color=colors[-1], mfc="none", label=f"forget EL_{n}{label}")
+        _plot_deployed(axes[0], log, task, x, colors[-1])
         for j, after in enumerate(task["after"]["forget"][:-1]):  # earlier sets, measured again
             label = "an earlier set's MA after a later task" if (task["task"], j) == (1, 0) else None
             axes[0].plot(x[-1], after["ma"], "x", color=colors[j], ms=9, label=label)
@@ -283,6 +352,9 @@ def write_plot(path: Path, log: dict) -> None:
     if crit["stop"] != "epochs":  # stop="epochs": no criterion
         axes[0].axhline(crit["ma"], color="tab:red", ls=":", label=f"{limit} MA (criterion)")
         axes[0].axhline(crit["el"], color="tab:purple", ls=":", label=f"{limit} EL_{n} (criterion)")
+    if log.get("deploy") is not None and crit["stop"] != "epochs":
+        axes[0].axhline(log["deploy"]["criterion"]["ma"], color="tab:red", ls="--", lw=0.8,
+                        label=f"{limit} MA, {_deploy_name(log)} (criterion)")  # fmt: skip
     axes[0].set(ylabel="memorization", ylim=(-0.02, 1.02), title="Forget set during unlearning")
     axes[0].legend(fontsize="small")
     if has_ppl:

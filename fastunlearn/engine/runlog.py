@@ -123,6 +123,22 @@ class BaselineCache(Record):
 
 
 @dataclass
+class DeployLog(Record):
+    """deploy_quant (``engine.deploy``): the original model deployed (adapters merged, weights round-tripped
+    through ``format``): its forget sets' and held-out set's MA / EL_n, the deployed criterion's limits."""
+
+    format: str  # UnlearnConfig.deploy_quant
+    weights: dict[str, int]  # {format applied: number of weight tensors}
+    criterion: Criterion  # the deployed model's limits: the held-out set's deployed values (or the thresholds)
+    forget: list[Metrics]  # one per task, before unlearning
+    heldout: Metrics | None
+    baseline_cache: BaselineCache | None  # where the deployed held-out values came from (None: not cached)
+    seconds: float  # the deployed baseline's time (quantization and measurements)
+
+    NESTED = {"baseline_cache": BaselineCache}
+
+
+@dataclass
 class EpochRecord(Record):
     """One epoch of a task: the update's losses (before it) and gradient norm, whether it was made, the
     measurements after it, and the seconds each took."""
@@ -139,10 +155,11 @@ class EpochRecord(Record):
     retain_ppl: float | None = None
     utility_ppl: dict[str, float] | None = None
     on_epoch: dict[str, float | None] | None = None  # the evaluation hook's values (only with a hook)
-    criterion_met: bool | None = None  # None: no criterion (stop="epochs")
+    criterion_met: bool | None = None  # None: no criterion (stop="epochs"); with deploy_quant: float AND deployed
     eval_s: float = 0.0
+    deploy: dict | None = None  # deploy_quant: {"ma", "el", "met"} of the deployed model (engine.deploy)
 
-    OPTIONAL = ("on_epoch",)
+    OPTIONAL = ("on_epoch", "deploy")
 
 
 @dataclass
@@ -154,6 +171,9 @@ class TaskAfter(Record):
     heldout: Metrics | None
     retain_ppl: float | None
     utility_ppl: dict[str, float] | None
+    deploy: dict | None = None  # deploy_quant: {"forget": [{"ma", "el", "met"}], "heldout": Metrics | None}
+
+    OPTIONAL = ("deploy",)
 
 
 @dataclass
@@ -204,7 +224,9 @@ class RunLog(Record):
     outputs: dict[str, str] | None = None  # {what: path under out_dir}
     resumes: int = 0
     timings: Timings = field(default_factory=Timings)
+    deploy: DeployLog | None = None  # deploy_quant's baseline and limits (only with deploy_quant)
 
+    OPTIONAL = ("deploy",)
     NESTED = {"data": DataInfo, "model": ModelInfo, "baseline": Baseline, "baseline_cache": BaselineCache,
-              "timings": Timings}  # fmt: skip
+              "timings": Timings, "deploy": DeployLog}  # fmt: skip
     NESTED_LISTS = {"tasks": TaskLog}

@@ -127,6 +127,18 @@ def _unwrapped(model: nn.Module, layers: dict[str, LoRALinear]) -> Iterator[None
             setattr(model.get_submodule(parent), child, layer)
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict under the original parameter names (no adapter keys), the trained adapters folded
+    into their layers' weights (new tensors; every other entry is the live tensor, detached). The live model is
+    not changed; raises (naming the layer) if a merged weight is not finite."""
+    layers = lora_layers(model)
+    merged = {f"{name}.weight": layer.merged_weight() for name, layer in layers.items()}  # raises on NaN first
+    with _unwrapped(model, layers):
+        state = model.state_dict()
+    state.update(merged)
+    return state
+
+
 def save_merged_model(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save ``model`` (a transformers PreTrainedModel) with merged weights via ``save_pretrained``; returns out_dir.
 
