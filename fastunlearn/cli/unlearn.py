@@ -74,6 +74,9 @@ def add_parser(sub) -> None:
                    help="retain / utility perplexity on a seeded sample of N sequences each; 0: all (128)")  # fmt: skip
     p.add_argument("--fisher-max-examples", type=int, default=128, metavar="N",
                    help="FILA's retain Fisher on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="retain / utility perplexities also after every K-th epoch; 0: only before and after "
+                        "unlearning (the forget MA, and EL once MA is met, are measured every epoch) (0)")  # fmt: skip
     p.add_argument("--no-baseline-cache", action="store_true",
                    help="measure the held-out set's MA / EL again instead of reading them from the cache "
                         "($FASTUNLEARN_CACHE_DIR, else ~/.cache/fastunlearn)")  # fmt: skip
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         parallel=args.parallel, fused_ihl=args.fused_ihl, allow_heldout_overlap=args.allow_heldout_overlap,
         eval_retain_max=args.eval_retain_max or None, fisher_max_examples=args.fisher_max_examples or None,
         cache_heldout_baseline=not args.no_baseline_cache, eval_heldout_el_after=args.heldout_el_after,
+        eval_every=args.eval_every,
     )  # fmt: skip
     log_to_terminal()  # the engine's progress lines (INFO) on stderr
     owns_group = not (dist.is_available() and dist.is_initialized())
