@@ -36,7 +36,7 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
 - **Evaluation cost** is bounded: the retain perplexity is measured on one seeded sample
   of ``eval_retain_max`` (128) retain sequences, the same every time it is measured (its own generator,
   seeded with ``seed``: training is unchanged by it); FILA's retain Fisher uses a seeded sample of
-  ``fisher_max_examples`` (128; the forget set whole); None: every sequence. The held-out set's MA and EL_n
+  ``fisher_max_examples`` (32; the forget set whole); None: every sequence. The held-out set's MA and EL_n
   before unlearning are cached across runs (``cache_heldout_baseline``; ``engine.cache``: keyed by the model
   as given, the held-out set, el_n, dtype and device type) and, after a task, its EL is measured only with
   ``eval_heldout_el_after`` (its MA always). ``log["data"]`` records the sample sizes, ``log["baseline_cache"]``

@@ -149,7 +149,7 @@ def _ppl_when(cfg: dict) -> str:
         return "Perplexities are measured before unlearning and after each forget set (eval_every=0), not per epoch."
     if every == 1:
         return "Perplexities are measured after every epoch (eval_every=1)."
-    return (f"Perplexities are measured before unlearning, after every {every}th epoch and after each forget set "
+    return (f"Perplexities are measured before unlearning, every {every} epochs and after each forget set "
             f"(eval_every={every}; – = not measured).")  # fmt: skip
 
 

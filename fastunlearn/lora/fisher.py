@@ -22,10 +22,10 @@ float64 model).
 
 Summation: each batch's contribution is computed into a scratch tensor, then added to a running sum with
 its rounding error kept apart (TwoSum; one extra F-sized buffer); a layer's first batch is computed straight
-into its running sum (the same bits: TwoSum of a zero sum and a term is the term, exactly). The result is the sum of the batches'
-contributions rounded once, whatever order or grouping they were added in, so a run split over processes
-gives the same bits as a one-process run (unless the exact sum lies within about n_batches x 2^-53 of
-a rounding tie: never seen in practice). Multi-process (a ``torch.distributed`` process group is
+into its running sum (the same bits: TwoSum of a zero sum and a term is the term, exactly). The result is the
+sum of the batches' contributions rounded once, whatever order or grouping they were added in, so a run split
+over processes gives the same bits as a one-process run (unless the exact sum lies within about
+n_batches x 2^-53 of a rounding tie: never seen in practice). Multi-process (a ``torch.distributed`` process group is
 initialized): data given as a tensor or dict is split into batches and rank r takes batches r,
 r + world_size, ...; an iterable of batches is taken as this rank's own share (e.g. from a
 ``DistributedSampler``). The ranks' sums are then added (float32: one float64 all-reduce of sum + error;

@@ -276,7 +276,7 @@ def test_cli_flags_and_engine_lines_on_stderr(workspace, tmp_path, capsys, resto
     assert log["data"]["retain_ppl_sequences"] == log["data"]["retain"] and log["data"]["fisher_retain_sequences"] == 3
     assert log["baseline_cache"] is None and log["tasks"][0]["after"]["heldout"]["el"] is not None
     defaults = cli.build_parser().parse_args(["unlearn", "--model", "m", "--forget", "f", "--out", "o"])
-    assert (defaults.eval_retain_max, defaults.fisher_max_examples) == (128, 128) == (
+    assert (defaults.eval_retain_max, defaults.fisher_max_examples) == (128, 32) == (
         UnlearnConfig().eval_retain_max, UnlearnConfig().fisher_max_examples)  # fmt: skip
     assert not defaults.no_baseline_cache and not defaults.heldout_el_after
     assert math.isfinite(log["baseline"]["retain_ppl"])
