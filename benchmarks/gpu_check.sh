@@ -2,11 +2,11 @@
 # The prepared GPU check: on a CUDA machine with no network, build the extension, run the CUDA tests, and time
 # what has not been measured on a GPU yet, within one time budget.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR          # GPU_CHECK_BUDGET_S=480 by default
+#   bash benchmarks/gpu_check.sh OUT_DIR          # GPU_CHECK_BUDGET_S=1080 by default (480 with GPU_CHECK_JOB=0)
 #
-# Writes 7 files into OUT_DIR (tee the console into an eighth):
+# Writes 8 files into OUT_DIR (tee the console into a ninth):
 # build.log, tests_cuda.log, bench.json (every pytest-benchmark run merged), targets.json (the target
-# summaries), bench.log, real_shape.json, profile.log.
+# summaries), bench.log, real_shape.json, profile.log, gpu-7b.json (the whole job, per phase).
 #
 # Steps, expected time on one H200 (each capped so the whole script ends within GPU_CHECK_BUDGET_S; a step
 # that would start with under 15 s left is skipped and reported; each step runs even if an earlier one failed;
@@ -18,6 +18,9 @@
 #   real-shape: benchmarks/ops/gpu_real_shape.py (SmolLM2-135M shape, RANDOM weights)   ~1 min
 #   bench-lowrank: gpt-neo-125m set + llama-7b (4 providers, full SVD extrapolated from one layer per shape) ~1.5 min
 #   bench-lora, profile (back-to-back IHL kernel timings)                           ~30 s
+#   job-7b: benchmarks/job_real_model.py gpu-7b: a whole FILA + IHL job at Llama-2-7B's shape (RANDOM bf16
+#           weights), 32 x 200 forget tokens, rank 16, 5 epochs, per-phase split; target <= 10 min, never run
+#           yet (GPU_CHECK_JOB=0 leaves it out)                                  <= 10 min
 # Left out, to fit ~8 min: the full CPU test suite (CI runs it on every change; the CUDA-touching tests
 # are selected above), the Triton block sweep (run 2026-11-28; its result is the autotune list in
 # kernels/ihl.py) and torch.compile of the eager IHL (timed 2026-11-28, README; each graph costs a compile).
@@ -29,7 +32,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export FASTUNLEARN_BENCH_SUMMARY="$OUT/targets.json"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+JOB=${GPU_CHECK_JOB:-1}
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$JOB" = 1 ] && echo 1080 || echo 480)}
 SCRATCH=$(mktemp -d)
 status=0
 # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), or skip it when under 15 s are left
@@ -70,6 +74,9 @@ step real-shape 120 $PY benchmarks/ops/gpu_real_shape.py --out "$OUT/real_shape.
 step bench-lowrank 150 bench lowrank benchmarks/ops/bench_lowrank.py
 step bench-lora 45 bench lora benchmarks/ops/bench_lora.py
 step profile 40 bash -c "$PY benchmarks/ops/profile_ihl.py 2>&1 | tee '$OUT/profile.log' | tail -20; exit \${PIPESTATUS[0]}"
+if [ "$JOB" = 1 ]; then
+  step job-7b 600 $PY benchmarks/job_real_model.py gpu-7b --out "$OUT"
+fi
 $PY - "$SCRATCH" "$OUT/bench.json" <<'PYEOF'
 import json, pathlib, sys
 runs = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}

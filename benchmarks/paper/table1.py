@@ -234,6 +234,7 @@ def run_once(memorized: Path, data: Data, scale: Scale, method: Method, forget_s
         forget_loss=method.forget_loss, retain_weight=method.retain_weight, params=method.params, rank=scale.rank,
         alpha=2.0 * scale.rank, lr=lr, max_epochs=scale.max_epochs, eval_retain_ppl=True, seed=scale.seed,
         fila={"row_weighting": method.row_weighting} if method.row_weighting else {},
+        eval_every=1, fisher_max_examples=128,  # the retain perplexity curve of table1.png; the results' Fisher sample
     )  # fmt: skip
     model = GPTNeoForCausalLM.from_pretrained(memorized)
     result = unlearn(model, UnlearningData(data.forget[forget_set], data.retain, data.heldout), config, out)

@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
                    "with them (refused by default: the criterion would copy a memorized level)")  # fmt: skip
     p.add_argument("--utility", action="append", metavar="NAME=FILE",
                    help="text never trained on whose perplexity shows what unlearning costs (repeat: wikitext=..., "
-                   "pile=...); measured before, every epoch and after on a seeded sample of --eval-retain-max "
-                   "sequences")  # fmt: skip
+                   "pile=...); measured before and after (--eval-every: also every K epochs) on a seeded sample "
+                   "of --eval-retain-max sequences")  # fmt: skip
     p.add_argument("--loss", choices=("ihl", "ga", "npo", "simnpo"), default="ihl",
                    help="forget loss: ihl (the paper's), ga (gradient ascent), npo (Zhang et al. 2024; its reference "
                    "log-likelihoods are computed once, no second model), simnpo (Fan et al. 2024) (ihl)")  # fmt: skip
@@ -76,8 +76,11 @@ def add_parser(sub) -> None:
                         "the model is loaded on the CPU and sharded onto the GPUs) (ddp)")  # fmt: skip
     p.add_argument("--eval-retain-max", type=int, default=128, metavar="N",
                    help="retain / utility perplexity on a seeded sample of N sequences each; 0: all (128)")  # fmt: skip
-    p.add_argument("--fisher-max-examples", type=int, default=128, metavar="N",
-                   help="FILA's retain Fisher on a seeded sample of N retain sequences; 0: all (128)")  # fmt: skip
+    p.add_argument("--fisher-max-examples", type=int, default=32, metavar="N",
+                   help="FILA's retain Fisher on a seeded sample of N retain sequences; 0: all (32)")  # fmt: skip
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="retain / utility perplexities also after every K-th epoch; 0: only before and after "
+                        "unlearning (the forget MA, and EL once MA is met, are measured every epoch) (0)")  # fmt: skip
     p.add_argument("--no-baseline-cache", action="store_true",
                    help="measure the held-out set's MA / EL again instead of reading them from the cache "
                         "($FASTUNLEARN_CACHE_DIR, else ~/.cache/fastunlearn)")  # fmt: skip
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         eval_retain_max=args.eval_retain_max or None, fisher_max_examples=args.fisher_max_examples or None,
         cache_heldout_baseline=not args.no_baseline_cache, eval_heldout_el_after=args.heldout_el_after,
         deploy_quant=args.deploy_quant, quant_aware=args.quant_aware, gguf_template=template,
-        write_gguf=not args.no_gguf,
+        write_gguf=not args.no_gguf, eval_every=args.eval_every,
     )  # fmt: skip
     log_to_terminal()  # the engine's progress lines (INFO) on stderr
     owns_group = not (dist.is_available() and dist.is_initialized())

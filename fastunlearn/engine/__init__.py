@@ -28,10 +28,15 @@ data the model never saw (Cha et al., arXiv 2408.06621; protocol of Jang et al. 
   per task; FILA is initialized once, from the first task). After each task every forget set so far, the
   held-out set and (if asked) the retain perplexity are measured again. The run succeeds when every task met
   the criterion and every forget set still meets it after the last task.
-- **Evaluation cost** is bounded: the retain perplexity (``eval_retain_ppl``) is measured on one seeded sample
-  of ``eval_retain_max`` (128) retain sequences, the same before, every epoch and after (its own generator,
+- **What is measured when**: every epoch the forget MA (EL_n once MA meets its limit), which is all the stop rule
+  needs; the retain perplexity (``eval_retain_ppl``) and the utility sets' perplexities before unlearning,
+  after each task and, with ``eval_every=K``, after every K-th epoch (``None`` in the epoch records otherwise).
+  Every value comes from one teacher-forced pass per batch (``evals.metrics.score_sequences``: log p(y) and the
+  greedy token from the last hidden states, no (B, T, V) logits); the perplexity sets are scored together.
+- **Evaluation cost** is bounded: the retain perplexity is measured on one seeded sample
+  of ``eval_retain_max`` (128) retain sequences, the same every time it is measured (its own generator,
   seeded with ``seed``: training is unchanged by it); FILA's retain Fisher uses a seeded sample of
-  ``fisher_max_examples`` (128; the forget set whole); None: every sequence. The held-out set's MA and EL_n
+  ``fisher_max_examples`` (32; the forget set whole); None: every sequence. The held-out set's MA and EL_n
   before unlearning are cached across runs (``cache_heldout_baseline``; ``engine.cache``: keyed by the model
   as given, the held-out set, el_n, dtype and device type) and, after a task, its EL is measured only with
   ``eval_heldout_el_after`` (its MA always). ``log["data"]`` records the sample sizes, ``log["baseline_cache"]``

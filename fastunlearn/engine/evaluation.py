@@ -22,7 +22,10 @@ from fastunlearn.engine.progress import Progress, info
 from fastunlearn.engine.runlog import EpochRecord
 from fastunlearn.evals.metrics import extraction_likelihood, memorization_accuracy, sequence_nll
 from fastunlearn.evals.metrics.common import inference
+from fastunlearn.evals.metrics.scoring import IGNORE, score_sequences
 from fastunlearn.utils import distributed as dist_utils
+
+RETAIN = "retain"  # the retain set's name among the perplexity sets (utility sets are "utility <name>")
 
 
 def seeded_sample(seqs: SequenceSet, limit: int | None, seed: int) -> SequenceSet:
@@ -69,9 +72,10 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
             phase: str = "") -> dict:  # fmt: skip
     """{"ma", "el"}: mean MA, and mean EL_n unless ``el`` is False, ``cfg.stop`` is "epochs" (no criterion needs
     it; EL costs most), or ``limit`` is given and MA is above it (then None). ``phase`` names the set in progress
-    lines ("baseline: held-out set" -> "... MA 3/8 batches"). A set with ``labels`` (question/answer pairs) is
-    measured on its answers: MA over the labelled positions, EL_n over the prefixes prompt + answer[:k]
-    (``fastunlearn.evals.metrics``)."""
+    lines ("baseline: held-out set" -> "... MA 3/8 batches"). MA comes from one teacher-forced pass per batch
+    (:func:`fastunlearn.evals.metrics.score_sequences`: log p(y) and the greedy token from the last hidden states,
+    no (B, T, V) logits). A set with ``labels`` (question/answer pairs) is measured on its answers: MA over the
+    labelled positions, EL_n over the prefixes prompt + answer[:k] (``fastunlearn.evals.metrics``)."""
     batch = cfg.eval_batch_size
     ma = per_sequence(
         lambda s: memorization_accuracy(model, s.input_ids, s.attention_mask, labels=s.labels, batch_size=batch),
@@ -90,37 +94,80 @@ def measure(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, limit: floa
     return {"ma": ma, "el": el.mean().item()}
 
 
-def sample_ppl(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, phase: str) -> float:
-    """exp(sum of next-token NLL / number of targets) over the ``ppl_sample`` of ``seqs``, padding removed
-    (token-weighted, as ``metrics.sequence_nll`` counts; only the labelled targets of a set with ``labels``);
-    progress lines of ``phase``."""
+def joined(sets: list[SequenceSet]) -> SequenceSet:
+    """The rows of ``sets`` in one set, right-padded to the longest (mask 0); labels where any set has them (a set
+    without: its real tokens)."""
+    width = max(s.input_ids.shape[1] for s in sets)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    def own_labels(s: SequenceSet) -> torch.Tensor:
+        return s.input_ids.masked_fill(s.attention_mask == 0, IGNORE) if s.labels is None else s.labels
+
+    labels = None
+    if any(s.labels is not None for s in sets):
+        labels = torch.cat([pad(own_labels(s), IGNORE) for s in sets])
+    ids = torch.cat([pad(s.input_ids, 0) for s in sets])
+    mask = torch.cat([pad(s.attention_mask, 0) for s in sets])
+    return SequenceSet(ids, mask, torch.cat([s.source_index for s in sets]), labels)
+
+
+def perplexities(model: nn.Module, sets: dict[str, SequenceSet], cfg: UnlearnConfig, phase: str) -> dict[str, float]:
+    """{name: exp(sum of next-token NLL / number of targets)} over the ``ppl_sample`` of each set, padding removed
+    (token-weighted; only the labelled targets of a set with ``labels``). Every set's sample is scored together,
+    ``cfg.eval_batch_size`` sequences per teacher-forced pass (:func:`score_sequences`); a sequence longer than the
+    model's context (``max_position_embeddings``) is scored in sliding windows (``metrics.sequence_nll``)."""
+    samples = {name: ppl_sample(seqs, cfg) for name, seqs in sets.items()}
+    if not samples:
+        return {}
+    every = joined(list(samples.values()))
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    windows = context is not None and every.input_ids.shape[1] > context
 
     def nll_and_count(part: SequenceSet) -> torch.Tensor:  # (n, 2) float64
-        lengths = [int(mask.sum()) for mask in part.attention_mask]
-        rows = [ids[:n] for ids, n in zip(part.input_ids, lengths)]
-        labels = None if part.labels is None else [y[:n] for y, n in zip(part.labels, lengths)]
-        nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size, labels=labels)
+        if windows:
+            lengths = [int(mask.sum()) for mask in part.attention_mask]
+            rows = [ids[:n] for ids, n in zip(part.input_ids, lengths)]
+            labels = None if part.labels is None else [y[:n] for y, n in zip(part.labels, lengths)]
+            nll, count = sequence_nll(model, rows, batch_size=cfg.eval_batch_size, labels=labels)
+        else:
+            scores = score_sequences(model, part.input_ids, part.attention_mask, part.labels,
+                                     batch_size=cfg.eval_batch_size, desc="perplexity")  # fmt: skip
+            nll, count = scores.nll, scores.tokens
         return torch.stack([nll, count.double()], dim=1)
 
-    rows = per_sequence(nll_and_count, ppl_sample(seqs, cfg), model, cfg, phase)
-    nll, count = rows.sum(0).tolist()
-    return math.exp(nll / count)
+    rows = per_sequence(nll_and_count, every, model, cfg, f"{phase} {', '.join(samples)} perplexity")
+    out, lo = {}, 0
+    for name, sample in samples.items():
+        nll, count = rows[lo : lo + len(sample)].sum(0).tolist()
+        out[name], lo = math.exp(nll / count), lo + len(sample)
+    return out
 
 
-def retain_ppl(model: nn.Module, retain: SequenceSet | None, cfg: UnlearnConfig, phase: str = "") -> float | None:
-    """The retain set's :func:`sample_ppl` (the text the run trains on); None unless ``cfg.eval_retain_ppl``."""
-    if not cfg.eval_retain_ppl:
-        return None
-    return sample_ppl(model, retain, cfg, f"{phase} retain perplexity")
+def sample_ppl(model: nn.Module, seqs: SequenceSet, cfg: UnlearnConfig, phase: str) -> float:
+    """:func:`perplexities` of one set."""
+    return perplexities(model, {"set": seqs}, cfg, phase)["set"]
 
 
-def utility_ppl(model: nn.Module, utility: dict[str, SequenceSet] | None, cfg: UnlearnConfig,
-                phase: str = "") -> dict[str, float] | None:  # fmt: skip
-    """{name: :func:`sample_ppl`} of each utility set (text never trained on: what unlearning costs the model);
-    None when there is none."""
-    if not utility:
-        return None
-    return {name: sample_ppl(model, seqs, cfg, f"{phase} utility {name} perplexity") for name, seqs in utility.items()}
+def ppl_due(cfg: UnlearnConfig, epoch: int) -> bool:
+    """Whether the retain and utility perplexities are measured after this epoch (every ``cfg.eval_every``-th; with
+    0 never: only before unlearning and after each task)."""
+    return cfg.eval_every > 0 and epoch % cfg.eval_every == 0
+
+
+def retain_and_utility_ppl(
+    model: nn.Module, retain: SequenceSet | None, utility: dict[str, SequenceSet] | None, cfg: UnlearnConfig,
+    phase: str = "",
+) -> tuple[float | None, dict[str, float] | None]:  # fmt: skip
+    """(the retain set's perplexity, None unless ``cfg.eval_retain_ppl``; {name: perplexity} of each utility set,
+    None when there is none), all sets scored together (:func:`perplexities`). The retain set is the text the run
+    trains on; utility sets are text never trained on (what unlearning costs the model)."""
+    sets = {RETAIN: retain} if cfg.eval_retain_ppl else {}
+    sets.update({f"utility {name}": seqs for name, seqs in (utility or {}).items()})
+    values = perplexities(model, sets, cfg, phase)
+    util = {name: values[f"utility {name}"] for name in utility or {}} or None
+    return values.get(RETAIN), util
 
 
 def criterion_met(metrics: dict, criterion: dict) -> bool | None:
@@ -154,8 +201,8 @@ def baseline(model: nn.Module, cfg: UnlearnConfig, tasks, retain, heldout, cache
         held = measure(model, heldout, cfg, phase="baseline: held-out set")
         if cache is not None:
             cache.store(held, len(heldout))
-    before = {"forget": forget, "heldout": held, "retain_ppl": retain_ppl(model, retain, cfg, phase="baseline:"),
-              "utility_ppl": utility_ppl(model, utility, cfg, phase="baseline:")}  # fmt: skip
+    retain_value, utility_values = retain_and_utility_ppl(model, retain, utility, cfg, phase="baseline:")
+    before = {"forget": forget, "heldout": held, "retain_ppl": retain_value, "utility_ppl": utility_values}
     source = None if cache is None else {"hit": from_cache, "file": str(cache.path)}
     limits = {"ma": cfg.ma_threshold, "el": cfg.el_threshold}  # stop="epochs": None, None
     if cfg.stop == "heldout":

@@ -258,8 +258,10 @@ class UnlearnRecipe:
         phase += " evaluation:"
         metrics = evaluation.measure(self.model, forget, cfg, limit=crit["ma"], phase=phase)  # EL once MA meets it
         record.forget_ma, record.forget_el = metrics["ma"], metrics["el"]
-        record.retain_ppl = evaluation.retain_ppl(self.model, self.retain, cfg, phase)
-        record.utility_ppl = evaluation.utility_ppl(self.model, self.utility, cfg, phase)
+        if evaluation.ppl_due(cfg, epoch):  # else only before unlearning and after the task
+            record.retain_ppl, record.utility_ppl = evaluation.retain_and_utility_ppl(
+                self.model, self.retain, self.utility, cfg, phase
+            )
         if self.evaluate_each_epoch is not None:
             record.on_epoch = evaluation.call_hook(self.evaluate_each_epoch, self.model, epoch)
         record.criterion_met = evaluation.criterion_met(metrics, crit)
@@ -289,8 +291,8 @@ class UnlearnRecipe:
 
     def measure_after_task(self, k: int, forget: SequenceSet) -> None:
         """Every forget set so far (a later task may undo one), the held-out set (its EL only if
-        ``eval_heldout_el_after``); the last epoch already measured this task's set and the retain perplexity on
-        the current weights, unless it skipped EL."""
+        ``eval_heldout_el_after``), the retain and utility perplexities; the last epoch already measured this task's
+        set on the current weights (unless it skipped EL) and the perplexities if they were due (``eval_every``)."""
         cfg, task, crit = self.cfg, self.log.tasks[k], self.log.criterion
         last = task.epochs[-1]  # a task runs at least one epoch
         names = [set_name(i, len(self.tasks)) for i in range(k + 1)]
@@ -303,11 +305,15 @@ class UnlearnRecipe:
         if self.heldout is not None:
             heldout = evaluation.measure(self.model, self.heldout, cfg, el=cfg.eval_heldout_el_after,
                                          phase=f"after {names[k]}: held-out set")  # fmt: skip
+        retain_ppl, utility_ppl = last.retain_ppl, last.utility_ppl
+        if not evaluation.ppl_due(cfg, last.epoch):
+            retain_ppl, utility_ppl = evaluation.retain_and_utility_ppl(self.model, self.retain, self.utility, cfg,
+                                                                        phase=f"after {names[k]}:")  # fmt: skip
         task.after = TaskAfter(
             forget=[{**metrics, "met": evaluation.criterion_met(metrics, crit)} for metrics in after],
             heldout=heldout,  # "el": None unless eval_heldout_el_after
-            retain_ppl=last.retain_ppl,
-            utility_ppl=last.utility_ppl,
+            retain_ppl=retain_ppl,
+            utility_ppl=utility_ppl,
         )
         if self.deploy is not None:
             task.after.deploy = self.deploy.after_task(self.model, self.tasks[: k + 1], self.heldout, last.deploy,

@@ -191,6 +191,17 @@ def _updates(cfg: dict) -> str:
     return "one update per epoch" if size is None else f"updates of {size} forget sequences"
 
 
+def _ppl_when(cfg: dict) -> str:
+    """When the retain and utility perplexities were measured (``eval_every``; a log written before it: every epoch)."""
+    every = cfg.get("eval_every", 1)
+    if every == 0:
+        return "Perplexities are measured before unlearning and after each forget set (eval_every=0), not per epoch."
+    if every == 1:
+        return "Perplexities are measured after every epoch (eval_every=1)."
+    return (f"Perplexities are measured before unlearning, every {every} epochs and after each forget set "
+            f"(eval_every={every}; – = not measured).")  # fmt: skip
+
+
 def report_markdown(log: dict) -> str:
     """The run as Markdown: result, settings, before → after, and a table of every epoch of every task."""
     cfg, model, n = log["config"], log["model"], log["config"]["el_n"]
@@ -260,7 +271,7 @@ def report_markdown(log: dict) -> str:
             low, high = e["forget_loss_range"]
             values = e.get("deploy") or {}
             quantized = "".join(f"{_f(values.get(key))} | " for key in ("ma", "el")) if deployed else ""
-            utility = "".join(f"{_f(e['utility_ppl'][name], 3)} | " for name in names)
+            utility = "".join(f"{_f((e['utility_ppl'] or {}).get(name), 3)} | " for name in names)
             utility += "".join(f"{_f((e.get('on_epoch') or {}).get(h))} | " for h in hooks)
             lines.append(
                 f"| {e['epoch']} | {_f(e['forget_loss'])} | [{_f(low)}, {_f(high)}] | {_f(e['retain_loss'])} | "
@@ -278,6 +289,8 @@ def report_markdown(log: dict) -> str:
         when = "with a criterion (never with stop='epochs')"
     lines += ["", f"EL_{n} is measured only {when} (– = not measured). Losses are "
               "before each epoch's update; the range is over that epoch's micro-batches."]  # fmt: skip
+    if before["retain_ppl"] is not None or names:
+        lines[-1] += f" {_ppl_when(cfg)}"
     return "\n".join(lines) + "\n"
 
 
@@ -309,9 +322,16 @@ def _plot_deployed(ax, log: dict, task: dict, x: list[int], color) -> None:
     ax.plot(*zip(*points), "D--", color=color, mfc="none", lw=0.8, label=label)
 
 
+def measured(x: list[int], ys: list[float | None]) -> tuple[list[int], list[float]]:
+    """The points of ``ys`` that were measured (None: not measured at that epoch, left out rather than drawn)."""
+    points = [(xi, y) for xi, y in zip(x, ys) if y is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def write_plot(path: Path, log: dict) -> None:
     """Forget MA and EL_n per epoch (epoch 0: before) with the criterion's limits; in continual runs the earlier
-    sets' values after each later task (x); retain PPL if measured; each utility set's PPL if any."""
+    sets' values after each later task (x); retain PPL if measured; each utility set's PPL if any, at the epochs
+    they were measured (before, every ``eval_every``-th epoch, at the end of each task)."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     from matplotlib.ticker import MaxNLocator
 
@@ -340,9 +360,11 @@ def write_plot(path: Path, log: dict) -> None:
             label = "an earlier set's MA after a later task" if (task["task"], j) == (1, 0) else None
             axes[0].plot(x[-1], after["ma"], "x", color=colors[j], ms=9, label=label)
         ppl_x += x[1:]
-        ppl_y += [e["retain_ppl"] for e in task["epochs"]]
+        end = task["after"] or task["epochs"][-1]  # the task's end: measured when it stopped
+        ppl_y += [e["retain_ppl"] for e in task["epochs"][:-1]] + [end["retain_ppl"]]
         for name in utility:
-            utility_y[name] += [e["utility_ppl"][name] for e in task["epochs"]]
+            utility_y[name] += [(e["utility_ppl"] or {}).get(name) for e in task["epochs"][:-1]]
+            utility_y[name].append((end["utility_ppl"] or {}).get(name))
         for name in hooks:
             hook_y[name] += [(e.get("on_epoch") or {}).get(name) for e in task["epochs"]]
         start = x[-1]
@@ -358,12 +380,12 @@ def write_plot(path: Path, log: dict) -> None:
     axes[0].set(ylabel="memorization", ylim=(-0.02, 1.02), title="Forget set during unlearning")
     axes[0].legend(fontsize="small")
     if has_ppl:
-        axes[1].plot(ppl_x, ppl_y, "o-", color="tab:green")
+        axes[1].plot(*measured(ppl_x, ppl_y), "o-", color="tab:green")
         axes[1].set(ylabel="retain perplexity\n(trained on)")
     if utility:
         ax = axes[1 + has_ppl]
         for name in utility:
-            ax.plot(ppl_x, utility_y[name], "o-", label=name)
+            ax.plot(*measured(ppl_x, utility_y[name]), "o-", label=name)
         ax.set(ylabel="utility perplexity\n(never trained on)")
         ax.legend(fontsize="small")
     if hooks:

@@ -21,10 +21,11 @@ one (out, in) matmul per layer and batch. The model runs in its own dtype; F is 
 float64 model).
 
 Summation: each batch's contribution is computed into a scratch tensor, then added to a running sum with
-its rounding error kept apart (TwoSum; one extra F-sized buffer). The result is the sum of the batches'
-contributions rounded once, whatever order or grouping they were added in, so a run split over processes
-gives the same bits as a one-process run (unless the exact sum lies within about n_batches x 2^-53 of
-a rounding tie: never seen in practice). Multi-process (a ``torch.distributed`` process group is
+its rounding error kept apart (TwoSum; one extra F-sized buffer); a layer's first batch is computed straight
+into its running sum (the same bits: TwoSum of a zero sum and a term is the term, exactly). The result is the
+sum of the batches' contributions rounded once, whatever order or grouping they were added in, so a run split
+over processes gives the same bits as a one-process run (unless the exact sum lies within about
+n_batches x 2^-53 of a rounding tie: never seen in practice). Multi-process (a ``torch.distributed`` process group is
 initialized): data given as a tensor or dict is split into batches and rank r takes batches r,
 r + world_size, ...; an iterable of batches is taken as this rank's own share (e.g. from a
 ``DistributedSampler``). The ranks' sums are then added (float32: one float64 all-reduce of sum + error;
@@ -283,6 +284,7 @@ def empirical_fisher(
         name: torch.zeros(m.weight.shape, dtype=dtypes[name], device=m.weight.device) for name, m in modules.items()
     }
     errors = {name: torch.zeros_like(f) for name, f in fisher.items()}  # rounding errors of the running sums
+    started: set[str] = set()  # layers whose running sum holds a batch's contribution
     chunk_bytes = int(cfg.chunk_mb * 2**20)
 
     def consume(name: str, x: Tensor, g: Tensor) -> None:
@@ -290,7 +292,10 @@ def empirical_fisher(
         if x.shape[0] != n_rows:
             raise RuntimeError(f"target layer {name!r} sees input {tuple(x.shape)}: the batch must be dimension 0")
         x, g = x.reshape(n_rows, -1, x.shape[-1]), g.reshape(n_rows, -1, g.shape[-1])  # (B, T, in), (B, T, out)
-        term = torch.zeros_like(fisher[name])  # this batch's contribution
+        # this batch's contribution; a layer's first goes straight into its (zero) running sum: TwoSum(0, 0, term)
+        # is (term, 0) exactly (terms are sums of squares, never -0), so the bits are those of the compensated sum
+        first = name not in started
+        term = fisher[name] if first else torch.zeros_like(fisher[name])
         term_out_in = term.t() if is_conv1d(modules[name]) else term  # (out, in)
         if cfg.mode == "per_example":
             accumulate_per_example(term_out_in, x, g, chunk_bytes, impl)
@@ -298,7 +303,10 @@ def empirical_fisher(
             dtype = dtypes[name]
             summed = torch.mm(g.reshape(-1, g.shape[-1]).t().to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))
             term_out_in.copy_(summed.square_().div_(batch_tokens))
-        _two_sum_(fisher[name], errors[name], term)
+        if first:
+            started.add(name)
+        else:
+            _two_sum_(fisher[name], errors[name], term)
 
     device = next(model.parameters()).device
     batches, total = _batches(data, cfg, process)

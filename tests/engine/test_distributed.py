@@ -139,7 +139,7 @@ def _assert_same_run(got: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_unlearning_two_processes_matches_one(memorizer_dir, tmp_path, parallel):
-    config = {**RUN, "parallel": parallel, "eval_retain_ppl": True}
+    config = {**RUN, "parallel": parallel, "eval_retain_ppl": True, "eval_every": 1}  # the perplexity every epoch
     expected = run_here("unlearn", _fresh(memorizer_dir, tmp_path / "one"), config=config)
     got = spawn("unlearn", _fresh(memorizer_dir, tmp_path / "two"), config=config)
     assert (tmp_path / "two" / "run" / "merged" / "model.safetensors").is_file()

@@ -1,6 +1,6 @@
-"""Utility sets: perplexity of text never trained on, measured before, after every epoch and after each task on
-the seeded sample of ``eval_retain_max``; in log.json, the report and the plot; part of the data fingerprint that
-a resume must match; ``--utility NAME=FILE`` on the command line."""
+"""Utility sets: perplexity of text never trained on, measured before, after each task and (``eval_every=1``)
+after every epoch on the seeded sample of ``eval_retain_max``; in log.json, the report and the plot; part of the
+data fingerprint that a resume must match; ``--utility NAME=FILE`` on the command line."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def direct_ppl(model, seqs: SequenceSet, limit: int, seed: int) -> float:
 def test_utility_perplexity_before_every_epoch_and_after_equals_sequence_nll(tmp_path):
     data = sets()
     expected_before = {name: direct_ppl(tiny_model("gpt_neo"), s, 3, 0) for name, s in data.utility.items()}
-    result = unlearn(tiny_model("gpt_neo"), data, UnlearnConfig(**BASE), tmp_path / "run")
+    result = unlearn(tiny_model("gpt_neo"), data, UnlearnConfig(**BASE, eval_every=1), tmp_path / "run")
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["baseline"]["utility_ppl"] == pytest.approx(expected_before, rel=1e-5)
     epochs = log["tasks"][0]["epochs"]

@@ -13,9 +13,9 @@ Level ``model`` (a Llama with SmolLM2-135M's widths and ``--layers`` layers, tie
 - ``logits``: ``score_sequences(fused=False)``, one forward and the logits;
 - ``fused``: ``score_sequences`` from the last hidden states (one forward, no (B, T, V) logits).
 
-    python benchmarks/bench_eval.py                  # CPU: V 49152, H 576, 8 x 64 and 32 x 200 tokens
-    python benchmarks/bench_eval.py --level model    # the same shapes through a model
-    python benchmarks/bench_eval.py --path fused --batch 8 --seq 64     # one path in this process
+    python benchmarks/ops/bench_eval.py                  # CPU: V 49152, H 576, 8 x 64 and 32 x 200 tokens
+    python benchmarks/ops/bench_eval.py --level model    # the same shapes through a model
+    python benchmarks/ops/bench_eval.py --path fused --batch 8 --seq 64     # one path in this process
 
 On CUDA (when present) the defaults are V 128256, H 4096 in bfloat16, 8 x 512 and 16 x 2048 tokens (op level).
 "ms": median of ``--repeats`` runs after a warm-up run at the full shape. "peak_mb": CPU, peak RSS minus the RSS
