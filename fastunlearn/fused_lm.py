@@ -140,17 +140,25 @@ def fused_causal_lm_ihl(
     None. Returns what :func:`fastunlearn.causal_lm_ihl_loss` returns on the model's logits: a scalar, or
     (B, T - 1) for ``reduction="none"``. ``backbone_kwargs`` go to the backbone's forward.
     """
-    backbone, head = _backbone_and_head(model)
     validate.check_reduction_and_margin(reduction, margin)  # before the backbone's forward runs
-    backbone_kwargs = {"use_cache": False, **backbone_kwargs}  # no cache: nothing is generated
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
-    hidden = outputs.last_hidden_state  # (B, T, H)
-    shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
-    device = head.weight.device  # the backbone's last layer may sit on another device (model parallel)
+    head, shifted, targets = _head_inputs(model, input_ids, attention_mask, labels, ignore_index, backbone_kwargs)
     return fused_linear_ihl(
-        shifted.to(device), head.weight, targets.to(device), head.bias, ignore_index=ignore_index,
-        reduction=reduction, margin=margin, chunk_rows=chunk_rows,
+        shifted, head.weight, targets, head.bias, ignore_index=ignore_index, reduction=reduction, margin=margin,
+        chunk_rows=chunk_rows,
     )  # fmt: skip
+
+
+def _head_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None,
+                 ignore_index: int, backbone_kwargs: dict) -> tuple[nn.Module, Tensor, Tensor]:  # fmt: skip
+    """(LM head, its inputs (B, T-1, H), next-token targets (B, T-1)): the backbone's last hidden states shifted
+    against their targets, both on the head's device (the backbone's last layer may sit on another device under
+    model parallelism). No KV cache: nothing is generated."""
+    backbone, head = _backbone_and_head(model)
+    backbone_kwargs = {"use_cache": False, **backbone_kwargs}
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
+    shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
+    device = head.weight.device
+    return head, shifted.to(device), targets.to(device)
 
 
 @dataclass
@@ -174,15 +182,10 @@ def fused_causal_lm_logprob(
     the target is ignored (padding, ``ignore_index`` labels); never builds the (B, T, V) logits. Equals
     ``token_logprob(*shift_causal(model(input_ids, attention_mask=attention_mask).logits, ...))`` (up to
     rounding); gradients flow as through the logits. ``backbone_kwargs`` go to the backbone's forward."""
-    backbone, head = _backbone_and_head(model)
-    backbone_kwargs = {"use_cache": False, **backbone_kwargs}
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
-    shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
-    device = head.weight.device
+    head, shifted, targets = _head_inputs(model, input_ids, attention_mask, labels, ignore_index, backbone_kwargs)
     return fused_linear_logprob(
-        shifted.to(device), head.weight, targets.to(device), head.bias, ignore_index=ignore_index,
-        chunk_rows=chunk_rows,
-    )  # fmt: skip
+        shifted, head.weight, targets, head.bias, ignore_index=ignore_index, chunk_rows=chunk_rows
+    )
 
 
 def fused_causal_lm_logprob_argmax(
@@ -200,15 +203,10 @@ def fused_causal_lm_logprob_argmax(
     (B, T, V) logits. Equals ``token_logprob_argmax(*shift_causal(model(...).logits, ...))`` (up to rounding);
     ignored targets give (0, -1). No gradient: call it under ``torch.no_grad()`` or ``torch.inference_mode()``
     (:func:`fastunlearn.ops.logprob.fused_linear_logprob_argmax`). ``backbone_kwargs`` go to the backbone."""
-    backbone, head = _backbone_and_head(model)
-    backbone_kwargs = {"use_cache": False, **backbone_kwargs}
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
-    shifted, targets = shift_causal(hidden, input_ids, attention_mask, labels, ignore_index)  # (B, T-1, H), (B, T-1)
-    device = head.weight.device
+    head, shifted, targets = _head_inputs(model, input_ids, attention_mask, labels, ignore_index, backbone_kwargs)
     return fused_linear_logprob_argmax(
-        shifted.to(device), head.weight, targets.to(device), head.bias, ignore_index=ignore_index,
-        chunk_rows=chunk_rows,
-    )  # fmt: skip
+        shifted, head.weight, targets, head.bias, ignore_index=ignore_index, chunk_rows=chunk_rows
+    )
 
 
 def is_fused_ihl_patched(model: nn.Module) -> bool:
