@@ -17,34 +17,18 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fastunlearn.demo import smollm2
+from fastunlearn.gguf_io import llama_cpp_permute
 from fastunlearn.models import load_model, real_model
+from tests.helpers.tiny_gguf import EOS, LAYER_NAMES, MERGES, TOKENS
 from tests.helpers.tiny_models import is_tied, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Byte-level BPE: the 256 byte symbols, a few merges (applied in this order), one control token.
-MERGES = ["h e", "l l", "he ll", "Ġ w", "o r", "Ġw or"]
-TOKENS = [*bytes_to_unicode().values(), *(m.replace(" ", "") for m in MERGES), "<|endoftext|>"]
-EOS = len(TOKENS) - 1
 CONTROL, NORMAL = 3, 1  # llama.cpp token types
-HEADS, KV_HEADS = 4, 2
-# transformers name -> llama.cpp name, per layer
-LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}  # fmt: skip
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf ``permute`` of q/k rows (out, in): per head, the interleaved rotary
-    halves; transformers' GGUF loader applies the inverse."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(model: torch.nn.Module, path) -> None:
@@ -75,11 +59,12 @@ def write_gguf(model: torch.nn.Module, path) -> None:
     state = model.state_dict()
     assert set(state) - set(names) == {"lm_head.weight"}  # tied: the embedding is the output layer
     for hf_name, gguf_name in names.items():
-        w = state[hf_name].detach().numpy()
+        w = state[hf_name].detach()
         if ".attn_q." in gguf_name:
             w = llama_cpp_permute(w, cfg.num_attention_heads)
         elif ".attn_k." in gguf_name:
             w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        w = w.numpy()
         writer.add_tensor(gguf_name, np.ascontiguousarray(w, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

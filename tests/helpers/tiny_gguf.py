@@ -5,17 +5,17 @@ q/k rows in llama.cpp's order (``write_template``), for ``fastunlearn.models.loa
 from __future__ import annotations
 
 import numpy as np
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fastunlearn import gguf_io
 from fastunlearn.ops import quant
+from tests.helpers import tiny_models
 
 MERGES = ["h e", "l l", "he ll", "Ġ w", "o r", "Ġw or"]
 TOKENS = [*bytes_to_unicode().values(), *(m.replace(" ", "") for m in MERGES), "<|endoftext|>"]
 EOS = len(TOKENS) - 1
-HEADS, KV_HEADS, HIDDEN, FFN = 4, 2, 256, 512
+HEADS, KV_HEADS, HIDDEN, FFN = 4, 2, 256, 512  # heads as tiny_models.tiny_llama's
 LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -33,18 +33,9 @@ TYPES = {
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(TOKENS), hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-        tie_word_embeddings=True, bos_token_id=EOS, eos_token_id=EOS,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
-    return model
+    """The tests' tiny Llama, wide enough for the 256-weight K-quant blocks, over this file's tokenizer."""
+    return tiny_models.tiny_llama(seed, vocab_size=len(TOKENS), hidden_size=HIDDEN, intermediate_size=FFN,
+                                  special_id=EOS)  # fmt: skip
 
 
 def write_template(model: LlamaForCausalLM, path, types: dict[str, str] = TYPES, extra=()) -> None:

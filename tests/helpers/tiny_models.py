@@ -44,13 +44,15 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = VOCAB, tied: bool = True) -> LlamaForCausalLM:
-    """2 layers, hidden 32, 4 query heads / 2 KV heads (GQA), float32, eval mode; norms perturbed away from 1
-    so that a norm lost or misplaced shows in the logits."""
+def tiny_llama(seed: int = 0, vocab_size: int = VOCAB, tied: bool = True, hidden_size: int = 32,
+               intermediate_size: int = 64, special_id: int = 0) -> LlamaForCausalLM:  # fmt: skip
+    """2 layers, hidden 32 (``hidden_size``), 4 query heads / 2 KV heads (GQA), float32, eval mode, bos = eos =
+    ``special_id``; norms perturbed away from 1 so that a norm lost or misplaced shows in the logits."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+        bos_token_id=special_id, eos_token_id=special_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
