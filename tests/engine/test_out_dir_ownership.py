@@ -18,23 +18,12 @@ from fastunlearn.engine import UnlearnConfig, checkpoint, unlearn
 from fastunlearn.engine.inputs import model_fingerprint
 from fastunlearn.engine.outdir import OutDirError, RunFinished
 from fastunlearn.utils.atomic import PRIVATE
-from tests.helpers.runs import Interrupt, stop_at
+from tests.helpers.runs import FAULT_CONFIG as CONFIG
+from tests.helpers.runs import FAULT_DATA as DATA
+from tests.helpers.runs import Interrupt, stop_at, token_set
 from tests.helpers.tiny_models import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-MAX_EPOCHS = 2
-CONFIG = {"params": "lora", "rank": 2, "alpha": 4.0, "lr": 1e-2, "el_n": 3, "micro_batch_size": 2,
-          "min_epochs": MAX_EPOCHS, "max_epochs": MAX_EPOCHS, "stop": "threshold", "ma_threshold": 0.0,
-          "el_threshold": 0.0}  # fmt: skip
-
-
-def token_set(n: int, seed: int) -> SequenceSet:
-    ids = torch.randint(0, VOCAB, (n, 8), generator=torch.Generator().manual_seed(seed))
-    return SequenceSet(ids, torch.ones_like(ids), torch.arange(n))
-
-
-DATA = UnlearningData(token_set(2, 1), token_set(2, 2), None)
 
 
 def run(out: Path, model=None, data=DATA, **options):

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastunlearn.data.text import SequenceSet
-from tests.helpers.tiny_models import MemorizerConfig
+from fastunlearn.data.text import SequenceSet, UnlearningData
+from tests.helpers.tiny_models import VOCAB, MemorizerConfig
 
 DEMO = MemorizerConfig(vocab_size=32, seq_len=16, n_forget=4, n_retain=8, n_heldout=8, memorize_steps=150)
 # a tiny model unlearns in a few updates at a larger learning rate than the paper's; EL_5 fits 16 tokens
@@ -43,3 +43,20 @@ def stop_at(epoch: int | None = None, task: int | None = None) -> Callable[[int,
             raise Interrupt
 
     return hook
+
+
+# The fault tests' run: a tiny GPT-Neo (tiny_model) with LoRA adapters; min_epochs = max_epochs, so every run
+# trains exactly FAULT_EPOCHS updates, then exports.
+FAULT_EPOCHS = 2
+FAULT_CONFIG = {"params": "lora", "rank": 2, "alpha": 4.0, "lr": 1e-2, "el_n": 3, "micro_batch_size": 2,
+                "min_epochs": FAULT_EPOCHS, "max_epochs": FAULT_EPOCHS, "stop": "threshold", "ma_threshold": 0.0,
+                "el_threshold": 0.0}  # fmt: skip
+
+
+def token_set(n: int, seed: int) -> SequenceSet:
+    """n random sequences of 8 tokens of the tiny models' vocabulary, unpadded."""
+    ids = torch.randint(0, VOCAB, (n, 8), generator=torch.Generator().manual_seed(seed))
+    return SequenceSet(ids, torch.ones_like(ids), torch.arange(n))
+
+
+FAULT_DATA = UnlearningData(token_set(2, 1), token_set(2, 2), None)
