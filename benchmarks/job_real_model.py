@@ -204,8 +204,9 @@ def spearman(a, b) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def fisher_sweep(out: Path, data_dir: Path = DATA) -> dict:
-    """Row weights and epochs to the criterion for each retain Fisher sample size (module docstring)."""
+def fisher_sweep(out: Path, data_dir: Path = DATA, runs: tuple[int, ...] = (32, 16, 64, 128)) -> dict:
+    """Row weights and epochs to the criterion for each retain Fisher sample size (module docstring); the engine
+    runs only for the sizes in ``runs`` (``--runs``), the row weights always for all."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -259,7 +260,7 @@ def fisher_sweep(out: Path, data_dir: Path = DATA) -> dict:
         report[str(m)] = {"spearman_mean": sum(rho) / len(rho), "spearman_min": min(rho)}
     report["retain_fisher_s"] = state["seconds"]
     write(out / "fisher-sample.json", {**report, "machine": machine()})
-    for n in (32, 16, 64, 128):  # then the epochs to the criterion, the likely default first (each row written)
+    for n in runs:  # then the epochs to the criterion, the likely default first (each row written)
         run_dir = CACHE / "job-real-model-run" / f"fisher-{n}"
         shutil.rmtree(run_dir, ignore_errors=True)
         config = job_config("after", fisher_max_examples=n, eval_retain_ppl=False)
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--data", type=Path, default=DATA, help="TDEC's folder (forget/, utility/)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (job, fisher-sweep)")
+    parser.add_argument("--runs", type=int, nargs="+", default=[32, 16, 64, 128], choices=SIZES,
+                        help="fisher-sweep: the sample sizes given an engine run (epochs to the criterion)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     log_to_terminal()
     logging.basicConfig(level=logging.INFO)
     if args.what in ("fisher-sweep", "gpu-7b"):
-        row = fisher_sweep(args.out, args.data) if args.what == "fisher-sweep" else gpu_7b(args.out)
+        row = fisher_sweep(args.out, args.data, tuple(args.runs)) if args.what == "fisher-sweep" else gpu_7b(args.out)
         print(json.dumps(row, default=str))
         return 0
     row = run_job(args.mode, args.out, args.data) if args.what == "job" else run_toy(args.mode, args.out)
