@@ -7,7 +7,8 @@ model's values, once per cell) and ``probe(...)`` (one unlearned model) return t
 from ``fastunlearn.evals.audit`` ("audit") or from the local implementation below ("local"), which applies the
 same rules: in format Q the forget set's MA and EL_10 on Q(model) must be at or below the held-out set's on
 Q(memorized model) (Q round-trips the weights as ``UnlearnConfig.deploy_quant`` does: every weight matrix, NF4 the
-linear layers but the output layer, "gguf" each weight in the input file's type); relearning: 10 AdamW steps (lr
+linear layers but the output layer, "gguf" each weight in the input file's type; the unlearned model's held-out
+set is not measured, the verdict does not need it); relearning: 10 AdamW steps (lr
 1e-4, betas (0.9, 0.999), no weight decay, every weight) on 2 forget rows as one batch, the other forget rows
 scored, against the limit max(float criterion, the held-out rows after the same steps on 2 held-out rows).
 """
@@ -75,11 +76,13 @@ class LocalProbes:
         rows = []
         for fmt, plan in [("float", None), *_plans(model, formats, gguf_file).items()]:
             start = time.perf_counter()
+            # the verdict needs the forget set only (its limit is the memorized model's held-out set, measured
+            # once in reference()); the unlearned model's held-out values would double a probe's cost
             if plan is None:
-                values = {"forget": _mean_ma_el(model, forget), "heldout": _mean_ma_el(model, heldout)}
+                values = {"forget": _mean_ma_el(model, forget), "heldout": None}
             else:
                 with plan.deployed(model):
-                    values = {"forget": _mean_ma_el(model, forget), "heldout": _mean_ma_el(model, heldout)}
+                    values = {"forget": _mean_ma_el(model, forget), "heldout": None}
             limit = before[fmt]["heldout"]
             seconds = time.perf_counter() - start
             rows.append({"format": fmt, **values, "heldout_reference": limit, "limit": limit,
@@ -88,13 +91,7 @@ class LocalProbes:
                 "relearning": self._relearning(model, forget, heldout, before["float"]["heldout"])}  # fmt: skip
 
     def _relearning(self, model, forget, heldout, criterion: dict) -> dict:
-        import torch
-
-        g = torch.Generator().manual_seed(RELEARN["seed"])
-        r = RELEARN["rows"]
-        f_order, h_order = torch.randperm(len(forget), generator=g), torch.randperm(len(heldout), generator=g)
-        f_train, f_scored = f_order[:r].sort().values, f_order[r:].sort().values
-        h_train, h_scored = h_order[:r].sort().values, h_order[r:].sort().values
+        f_train, f_scored, h_train, h_scored = relearn_split(len(forget), len(heldout))
         relearn = {"before": _mean_ma_el(model, forget[f_scored]),
                    "after": _mean_ma_el(_relearned(model, forget[f_train]), forget[f_scored])}  # fmt: skip
         control = {"before": _mean_ma_el(model, heldout[h_scored]),
@@ -103,6 +100,24 @@ class LocalProbes:
         relearn["passed"] = _meets(relearn["after"], relearn["limit"])
         settings = {**RELEARN, "optimizer": "AdamW, betas (0.9, 0.999), no weight decay, every weight"}
         return {"settings": settings, "relearn": relearn, "control": control, "passed": relearn["passed"]}
+
+
+def relearn_split(n_forget: int, n_heldout: int):
+    """(forget rows trained, forget rows scored, held-out rows trained, held-out rows scored): the relearning
+    probe's seeded split, the same for every method of a cell."""
+    import torch
+
+    g = torch.Generator().manual_seed(RELEARN["seed"])
+    r = RELEARN["rows"]
+    f_order, h_order = torch.randperm(n_forget, generator=g), torch.randperm(n_heldout, generator=g)
+    return f_order[:r].sort().values, f_order[r:].sort().values, h_order[:r].sort().values, h_order[r:].sort().values
+
+
+def scored_rows(memorized, forget, heldout) -> dict:
+    """The memorized model's MA / EL_n on the rows the relearning probe scores: where "all the way back" is, so
+    that a probe's rise can be read as a fraction of what the unlearning removed from those rows."""
+    _, f_scored, _, h_scored = relearn_split(len(forget), len(heldout))
+    return {"forget": _mean_ma_el(memorized, forget[f_scored]), "heldout": _mean_ma_el(memorized, heldout[h_scored])}
 
 
 def _relearned(model, rows):
