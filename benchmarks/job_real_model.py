@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="TDEC's folder (forget/, utility/)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (job, fisher-sweep)")
     parser.add_argument("--runs", type=int, nargs="+", default=[32, 16, 64, 128], choices=SIZES,
-                        help="fisher-sweep: the sample sizes given an engine run (epochs to the criterion)")  # fmt: skip
+                        help="fisher-sweep: the sample sizes run to the criterion")  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
