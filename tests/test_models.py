@@ -10,7 +10,6 @@ import os
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,57 +18,22 @@ from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fastunlearn.demo import smollm2
-from fastunlearn.gguf_io import llama_cpp_permute
 from fastunlearn.models import load_model, real_model
-from tests.helpers.tiny_gguf import EOS, LAYER_NAMES, MERGES, TOKENS
+from tests.helpers import tiny_gguf
+from tests.helpers.tiny_gguf import EOS, TOKENS
 from tests.helpers.tiny_models import is_tied, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONTROL, NORMAL = 3, 1  # llama.cpp token types
-
 
 def write_gguf(model: torch.nn.Module, path) -> None:
-    """``model`` (a tied Llama) as an F32 GGUF: llama.* hyperparameters, tokenizer.ggml.* (gpt2 BPE), tensors
-    under llama.cpp names, no output.weight (which is how a GGUF says the embeddings are tied)."""
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(TOKENS)
-    writer.add_token_merges(MERGES)
-    writer.add_token_types([NORMAL] * EOS + [CONTROL])
-    writer.add_bos_token_id(EOS)
-    writer.add_eos_token_id(EOS)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(cfg.num_hidden_layers):
-        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in LAYER_NAMES.items()}
-    state = model.state_dict()
-    assert set(state) - set(names) == {"lm_head.weight"}  # tied: the embedding is the output layer
-    for hf_name, gguf_name in names.items():
-        w = state[hf_name].detach()
-        if ".attn_q." in gguf_name:
-            w = llama_cpp_permute(w, cfg.num_attention_heads)
-        elif ".attn_k." in gguf_name:
-            w = llama_cpp_permute(w, cfg.num_key_value_heads)
-        w = w.numpy()
-        writer.add_tensor(gguf_name, np.ascontiguousarray(w, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """``model`` (a tied Llama) as an F32 GGUF (``tiny_gguf.write_template``): llama.* hyperparameters,
+    tokenizer.ggml.* (gpt2 BPE), tensors under llama.cpp names, no output.weight (which is how a GGUF says the
+    embeddings are tied)."""
+    assert set(model.state_dict()) - set(tiny_gguf.hf_to_gguf_names(model)) == {"lm_head.weight"}  # tied
+    tiny_gguf.write_template(model, path, types={})
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
                                   special_id=EOS)  # fmt: skip
 
 
+def hf_to_gguf_names(model: LlamaForCausalLM) -> dict[str, str]:
+    """{transformers weight name: llama.cpp tensor name} of every tensor ``write_template`` writes."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for i in range(model.config.num_hidden_layers):
+        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in LAYER_NAMES.items()}
+    return names
+
+
 def write_template(model: LlamaForCausalLM, path, types: dict[str, str] = TYPES, extra=()) -> None:
     """``model`` as a GGUF file: llama.* hyperparameters, a gpt2 BPE tokenizer, tensors under llama.cpp's names
     and row order, each in ``types`` (F32 where not named); ``extra``: (name, float32 array) tensors appended."""
@@ -64,11 +72,8 @@ def write_template(model: LlamaForCausalLM, path, types: dict[str, str] = TYPES,
     writer.add_eos_token_id(EOS)
     writer.add_chat_template("{{ messages[0]['content'] }}")
     writer.add_array("tiny.float_list", [0.5, -1.25])
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(cfg.num_hidden_layers):
-        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in LAYER_NAMES.items()}
     state = model.state_dict()
-    for hf_name, gguf_name in names.items():
+    for hf_name, gguf_name in hf_to_gguf_names(model).items():
         w = state[hf_name]
         if ".attn_q." in gguf_name or ".attn_k." in gguf_name:
             w = gguf_io.llama_cpp_permute(w, HEADS if ".attn_q." in gguf_name else KV_HEADS)
