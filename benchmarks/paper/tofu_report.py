@@ -83,13 +83,15 @@ def table(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """One panel per rank; per run a curve through its epochs (marker area growing with the epoch)."""
+    """One panel per rank; per run a curve through its epochs (marker area growing with the epoch); one legend
+    for the figure, naming every method that ran at any rank."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     rows = latest(runs)
     ranks = sorted({r["rank"] for r in rows})
-    fig = Figure(figsize=(4.2 * len(ranks), 4.4), layout="constrained")
-    axes = fig.subplots(1, len(ranks), squeeze=False, sharey=True)[0]
+    fig = Figure(figsize=(4.2 * len(ranks) + 1.4, 4.4), layout="constrained")
+    axes = fig.subplots(1, len(ranks), squeeze=False, sharex=True, sharey=True)[0]
     head = rows[0]
     target, retain = head["target_model"], head["retain_model"]
     for ax, rank in zip(axes, ranks):
@@ -101,16 +103,20 @@ def plot(runs: list[dict], path: Path) -> None:
             color = COLORS.get(run["method"])
             ax.plot([q for _, q, _ in points], [u for _, _, u in points], "-", color=color, lw=1, alpha=0.8)
             ax.scatter([q for _, q, _ in points], [u for _, _, u in points], s=[12 + 14 * e for e, _, _ in points],
-                       color=color, label=label(run, rows).rsplit(" r", 1)[0], zorder=3)  # fmt: skip
+                       color=color, zorder=3)  # fmt: skip
         if target.get("forget_quality"):
-            ax.plot(target["forget_quality"], target["model_utility"], "ks", ms=9, label="target model", zorder=4)
-        ax.plot(1.0, retain["model_utility"], "k*", ms=13, label="retain model", zorder=4)
+            ax.plot(target["forget_quality"], target["model_utility"], "ks", ms=9, zorder=4)
+        ax.plot(1.0, retain["model_utility"], "k*", ms=13, zorder=4)
         ax.axvline(0.05, color="grey", ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set(xlabel="forget quality (KS p-value, log)", title=f"rank {rank}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("model utility")
-    axes[-1].legend(fontsize="small", loc="best")
+    ran = sorted({r["method"] for r in rows}, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+    handles = [Line2D([], [], color=COLORS.get(m), marker="o", lw=1, label=m) for m in ran]
+    handles += [Line2D([], [], color="k", marker="s", ms=8, ls="", label="target model"),
+                Line2D([], [], color="k", marker="*", ms=11, ls="", label="retain model")]  # fmt: skip
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
     sizes = head["sizes"]
     fig.suptitle(f"TOFU {head['split']} subset: {sizes['forget']} forget / {sizes['retain']} retain pairs\n"
                  "SmolLM2-135M-Instruct; marker size: epoch", fontsize="medium")  # fmt: skip
